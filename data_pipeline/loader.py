@@ -186,17 +186,22 @@ class PreparedData:
         shards = self.manifest["shards"]
         if not shards:
             raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {Path(path) / 'manifest.json'})")
-        lengths = []
+        lengths, self._block_starts = [], []
         for s in shards:
-            lp = Path(path) / s["lengths"]
-            if not lp.is_file() or not (Path(path) / s["file"]).is_file():
-                raise FileNotFoundError(f"prepared directory {path} is missing {s['file']} or {s['lengths']}")
-            arr = np.load(lp)
+            lp, bp = Path(path) / s["lengths"], Path(path) / s["blocks"]
+            if not all(p.is_file() for p in (lp, bp, Path(path) / s["file"])):
+                raise FileNotFoundError(f"prepared directory {path} is missing {s['file']}, {s['lengths']} or {s['blocks']}")
+            arr, blocks = np.load(lp), np.load(bp).astype(np.int64)
             if len(arr) != s["documents"]:
                 raise ValueError(f"{lp} has {len(arr)} lengths; the manifest says the shard has {s['documents']} documents")
+            if len(blocks) < 2 or blocks[0] != 0 or blocks[-1] != len(arr) or np.any(np.diff(blocks) <= 0):
+                raise ValueError(f"{bp} is not a block index of {len(arr)} documents (increasing, from 0 to {len(arr)})")
             lengths.append(arr)
+            self._block_starts.append(blocks)
         self.lengths = np.concatenate(lengths).astype(np.int64)
         self.num_documents = len(self.lengths)
+        self._token_starts = np.zeros(self.num_documents + 1, np.int64)  # of each document in its shard's stream
+        np.cumsum(self.lengths, out=self._token_starts[1:])
         self.tokenizer_sha256 = self.manifest["tokenizer"]["sha256"]
         self._shard_paths = [str(Path(path) / s["file"]) for s in shards]
         self._shard_starts = np.cumsum([0] + [s["documents"] for s in shards])
@@ -210,12 +215,12 @@ class PreparedData:
 
             with self._lock:
                 if self._readers[shard] is None:
-                    # readahead off: reads are random, one record (group_size:1 chunk) at a time.
+                    # readahead off: reads are random, one record (a group_size:1 chunk) at a time.
                     self._readers[shard] = ArrayRecordReader(self._shard_paths[shard], "readahead_buffer_size:0")
         return self._readers[shard]
 
     def read(self, doc_ids: Sequence[int]) -> list[np.ndarray]:
-        """Token arrays of the given documents (BOS ... EOS), one batched read per shard.
+        """Token arrays of the given documents (BOS ... EOS), one batched read of their blocks per shard.
 
         (grain's ArrayRecordDataSource starts a thread pool on every batched read, which costs more
         than the reads themselves at this record size; the readers here are the same ArrayRecord ones.)
@@ -225,9 +230,15 @@ class PreparedData:
         out: list = [None] * len(ids)
         for shard in np.unique(shard_of).tolist():
             sel = np.flatnonzero(shard_of == shard)
-            records = self._reader(shard).read((ids[sel] - self._shard_starts[shard]).tolist())
-            for i, r in zip(sel.tolist(), records):
-                out[i] = np.frombuffer(r, dtype=self.dtype)
+            first_doc = self._shard_starts[shard]
+            starts = self._block_starts[shard]
+            block = np.searchsorted(starts, ids[sel] - first_doc, side="right") - 1
+            wanted, which = np.unique(block, return_inverse=True)
+            records = [np.frombuffer(r, dtype=self.dtype) for r in self._reader(shard).read(wanted.tolist())]
+            begin = self._token_starts[ids[sel]] - self._token_starts[first_doc + starts[block]]
+            end = begin + self.lengths[ids[sel]]
+            for i, k, b, e in zip(sel.tolist(), which.tolist(), begin.tolist(), end.tolist()):
+                out[i] = records[k][b:e]
         return out
 
     def split(self, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:

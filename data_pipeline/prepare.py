@@ -4,9 +4,15 @@ Output directory layout:
 
     manifest.json                  written last (atomically): the directory is complete iff it exists
     tokenizer.model                a copy of the tokenizer used (or the one trained here)
-    shard-00000.array_record       one record per document: its token ids, BOS and EOS included, as
-                                   little-endian uint16 (vocab <= 65536) or uint32
-    shard-00000.lengths.npy        the token count of each record (the loader packs without reading)
+    shard-00000.array_record       the shard's documents end to end, each its token ids with BOS and
+                                   EOS, as little-endian uint16 (vocab <= 65536) or uint32, cut into
+                                   ArrayRecord records ("blocks") of about BLOCK_BYTES at document
+                                   boundaries: a document is in block k when its first byte is in
+                                   [k, k + 1) * BLOCK_BYTES of the shard's token stream (renumbered
+                                   without gaps); so a read of one document reads at most BLOCK_BYTES
+                                   of other documents' tokens.
+    shard-00000.lengths.npy        the token count of each document (the loader packs without reading)
+    shard-00000.blocks.npy         the first document of each block, then the shard's document count
     .prepare-progress.jsonl        one line per finished shard (resume state); kept after completion
 
 The work is planned before it starts: the inputs (sorted) are cut into *units* of about `unit_bytes` of
@@ -51,16 +57,20 @@ from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = ["prepare", "plan_units", "read_manifest", "FORMAT_VERSION", "MANIFEST"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one record per document (no blocks file)
 MANIFEST = "manifest.json"
 PROGRESS = ".prepare-progress.jsonl"
 LOCK = ".prepare.lock"
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_TRAIN_STATE = ".tokenizer-train.json"
-# group_size:1 makes every record its own chunk, so a random read decodes one document only. Records are
-# not compressed: zstd (ArrayRecord's default) saves about a quarter of the space of uint16 tokens but
+# group_size:1 makes every record (block) its own chunk, so a random read decodes one block only. Records
+# are not compressed: zstd (ArrayRecord's default) saves about a quarter of the space of uint16 tokens but
 # costs more per document than tokenizing it with tiktoken, and again on every read.
 WRITER_OPTIONS = "group_size:1,uncompressed"
+# Why blocks rather than a record per document: writing an ArrayRecord record costs about 1 us however
+# small it is, a tenth of tokenizing a 75-token paragraph with tiktoken. 8 KiB blocks make that cost
+# vanish for short documents, while a random read of a document still reads one page-sized piece.
+BLOCK_BYTES = 8192
 
 # A unit is a list of (file index, start byte, end byte or None for "to the end").
 Piece = tuple[int, int, "int | None"]
@@ -72,6 +82,10 @@ def shard_name(i: int) -> str:
 
 def lengths_name(i: int) -> str:
     return f"shard-{i:05d}.lengths.npy"
+
+
+def blocks_name(i: int) -> str:
+    return f"shard-{i:05d}.blocks.npy"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -113,8 +127,11 @@ def plan_units(files: Sequence[InputFile], unit_bytes: int) -> list[list[Piece]]
 _WORKER: dict = {}
 
 
-def _worker_init(tokenizer_path: str) -> None:
-    _WORKER["tokenizer"] = load_tokenizer(tokenizer_path)
+def _worker_init(tokenizer_path: str, sha256: str) -> None:
+    # A forked worker already holds the parent's tokenizer (loading Llama 3's takes about half a second).
+    held = _WORKER.get("tokenizer")
+    if held is None or held.sha256 != sha256:
+        _WORKER["tokenizer"] = load_tokenizer(tokenizer_path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -139,21 +156,19 @@ def run_unit(
 
     tok = tokenizer or _WORKER["tokenizer"]
     dtype = token_dtype(tok.vocab_size)
-    encode, encode_batch = tok.document_encoder(dtype), tok.document_batch_encoder(dtype)
-    itemsize = dtype.itemsize
+    encode, encode_block = tok.document_encoder(dtype), tok.document_block_encoder(dtype)
     out = Path(out_dir)
     tmp = out / f"{shard_name(index)}.tmp.{os.getpid()}"
     per_file: dict[int, dict] = {}
     errors: list[dict] = []
-    sizes: list[int] = []  # the byte size of each record
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    blocks = _Blocks(writer, dtype.itemsize)
     try:
         for fi, start, end in pieces:
             stats = per_file.setdefault(fi, {"documents": 0, "tokens": 0, "skipped": Counter()})
             skipped = stats["skipped"]
-            first = len(sizes)
-            # The innermost loop of data preparation, paid per document: the tokenizer call and one write,
-            # over a batch of documents at a time so that no Python bytecode runs per document.
+            # The innermost loop of data preparation: one tokenizer call per document, and per batch of
+            # documents one join and a few numpy calls; no Python bytecode runs per document.
             for docs in iter_document_batches(
                 files[fi],
                 text_field=options["text_field"],
@@ -164,7 +179,7 @@ def run_unit(
                 errors=errors,
             ):
                 try:
-                    records = encode_batch(docs)
+                    data, counts = encode_block(docs)
                 except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\ud800" escape)
                     records = []
                     for doc in docs:
@@ -172,20 +187,23 @@ def run_unit(
                             records.append(encode(doc))
                         except UnicodeEncodeError:
                             skipped["invalid_utf8"] += 1
-                deque(map(writer.write, records), maxlen=0)
-                sizes.extend(map(len, records))
-            stats["documents"] += len(sizes) - first
-            stats["tokens"] += sum(sizes[first:]) // itemsize
+                    data = b"".join(records)
+                    counts = np.fromiter(map(len, records), np.int64, len(records)) // dtype.itemsize
+                blocks.add(data, counts)
+                stats["documents"] += len(counts)
+                stats["tokens"] += int(counts.sum())
+        blocks.close()
     finally:
         writer.close()
-    lengths = np.asarray(sizes, dtype=np.int64) // itemsize
+    lengths, block_starts = blocks.lengths(), blocks.starts()
     shard = None
     if len(lengths):
-        # lengths first, the shard last: a shard file under its final name always has its lengths.
-        ltmp = out / f"{lengths_name(index)}.tmp.{os.getpid()}"
-        with open(ltmp, "wb") as fh:
-            np.save(fh, lengths)
-        os.replace(ltmp, out / lengths_name(index))
+        # index files first, the shard last: a shard file under its final name always has its index.
+        for name, arr in ((lengths_name(index), lengths), (blocks_name(index), block_starts)):
+            itmp = out / f"{name}.tmp.{os.getpid()}"
+            with open(itmp, "wb") as fh:
+                np.save(fh, arr)
+            os.replace(itmp, out / name)
         os.replace(tmp, out / shard_name(index))
         shard = shard_name(index)
     else:
@@ -204,16 +222,74 @@ def run_unit(
     }
 
 
+class _Blocks:
+    """Cuts a shard's stream of records (documents' tokens, end to end) into blocks at record boundaries:
+    a record opens a new block when its first byte is in another BLOCK_BYTES-sized slice of the stream
+    than the previous record's. The output depends on the records only, not on how they were batched."""
+
+    def __init__(self, writer, itemsize: int):
+        self._writer, self._itemsize = writer, itemsize
+        self._open: list = []  # the pieces of the open block
+        self._key = -1  # the slice of the open block's last record
+        self._offset = 0  # bytes in the stream so far
+        self._count = 0  # records so far
+        self._lengths: list[np.ndarray] = []
+        self._starts: list[int] = []
+
+    def add(self, data: bytes, counts: np.ndarray) -> None:
+        """Append records: `data` their bytes end to end, `counts` the token count of each."""
+        if not len(counts):
+            return
+        starts = np.zeros(len(counts), np.int64)
+        np.cumsum(counts[:-1] * self._itemsize, out=starts[1:])
+        keys = (self._offset + starts) // BLOCK_BYTES
+        opens = np.flatnonzero(np.diff(keys, prepend=self._key))  # the records that open a block
+        view, prev = memoryview(data), 0
+        for j, at in zip(opens.tolist(), starts[opens].tolist()):
+            if at > prev:
+                self._open.append(view[prev:at])
+            self._flush()
+            self._starts.append(self._count + j)
+            prev = at
+        self._open.append(view[prev:])
+        self._key = int(keys[-1])
+        self._offset += len(data)
+        self._count += len(counts)
+        self._lengths.append(counts)
+
+    def _flush(self) -> None:
+        if self._open:
+            self._writer.write(b"".join(self._open))
+            self._open = []
+
+    def close(self) -> None:
+        self._flush()
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+
+    def starts(self) -> np.ndarray:
+        """The first record of each block, then the record count."""
+        return np.asarray(self._starts + [self._count], np.int64)
+
+
 def _run_unit_star(args) -> dict:
     return run_unit(*args)
 
 
-def _pool_context():
-    """forkserver (safe where the caller has threads, e.g. JAX's) with this module preloaded, so workers
-    start in well under a second. A main script that cannot be re-imported (`python - < script`) would
-    make every forkserver child fail at start, so there plain fork is used instead."""
+def _pool_context(tok: Tokenizer):
+    """Plain fork where this process has a single thread (the usual case for `llama-jax prepare`):
+    workers start in milliseconds and inherit the loaded tokenizer. Otherwise (JAX or a progress
+    bar may have started threads, and forking a threaded process can deadlock the child) forkserver
+    with this module preloaded; a main script that cannot be re-imported (`python - < script`) would
+    make every forkserver child fail at start, so there fork is used all the same."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file is not None and not os.path.isfile(main_file):
+    try:
+        single_threaded = len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # not Linux
+        single_threaded = False
+    if single_threaded or (main_file is not None and not os.path.isfile(main_file)):
+        _WORKER["tokenizer"] = tok
         return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
@@ -231,7 +307,10 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no {MANIFEST}{hint}")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {manifest.get('format_version')}; expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path} has format_version {manifest.get('format_version')}; this version of llama-jax reads "
+            f"format {FORMAT_VERSION}: prepare the data again (`llama-jax prepare ... --overwrite`)"
+        )
     return manifest
 
 
@@ -258,7 +337,7 @@ def _read_progress(path: Path) -> tuple[str | None, dict[int, dict]]:
 
 
 def _clear_outputs(out: Path) -> None:
-    for pattern in ("shard-*.array_record", "shard-*.lengths.npy", "shard-*.tmp.*", MANIFEST, PROGRESS):
+    for pattern in ("shard-*.array_record", "shard-*.lengths.npy", "shard-*.blocks.npy", "shard-*.tmp.*", MANIFEST, PROGRESS):
         for p in out.glob(pattern):
             p.unlink()
 
@@ -360,7 +439,8 @@ def prepare(
                 return manifest
             if not overwrite:
                 raise FileExistsError(
-                    f"{out} already holds data prepared from other inputs, tokenizer or options; "
+                    f"{out} already holds data prepared from other inputs, tokenizer or options (or in an "
+                    "older format); "
                     "pass --overwrite to replace it or choose another --output"
                 )
             _clear_outputs(out)
@@ -397,9 +477,11 @@ def prepare(
         workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
         # Each job carries only its own files (a corpus can have many thousands).
         jobs = [(i, units[i], {fi: files[fi] for fi, _, _ in units[i]}, str(out), options) for i in pending]
-        bar = _progress_bar(progress, total_bytes, done)
         t0 = time.perf_counter()
-        with open(progress_path, "a") as plog:
+        # The pool starts before the progress bar, whose monitor thread would rule out a plain fork.
+        pool = _pool_context(tok).Pool(workers, initializer=_worker_init, initargs=(tok.path, tok.sha256)) if workers > 1 else None
+        bar = _progress_bar(progress, total_bytes, done)
+        with open(progress_path, "a") as plog, pool or contextlib.nullcontext():
 
             def record(stats: dict) -> None:
                 plog.write(json.dumps(stats) + "\n")
@@ -408,13 +490,12 @@ def prepare(
                 done[stats["unit"]] = stats
                 bar.update(stats["tokens"], stats["bytes"])
 
-            if workers == 1:
+            if pool is None:
                 for job in jobs:
                     record(run_unit(*job, tokenizer=tok))
             else:
-                with _pool_context().Pool(workers, initializer=_worker_init, initargs=(tok.path,)) as pool:
-                    for stats in pool.imap_unordered(_run_unit_star, jobs):
-                        record(stats)
+                for stats in pool.imap_unordered(_run_unit_star, jobs):
+                    record(stats)
         bar.close()
         elapsed = time.perf_counter() - t0
         if len(done) < len(units):
@@ -465,7 +546,9 @@ def _build_manifest(files, hashes, tok, units, done, options, unit_bytes, finger
     for i in range(len(units)):
         rec = done[i]
         if rec["shard"] is not None:
-            shards.append({"file": rec["shard"], "lengths": lengths_name(i), "documents": rec["documents"], "tokens": rec["tokens"]})
+            shards.append(
+                {"file": rec["shard"], "lengths": lengths_name(i), "blocks": blocks_name(i), "documents": rec["documents"], "tokens": rec["tokens"]}
+            )
         for fi, s in rec["files"].items():
             acc = per_file[int(fi)]
             acc["documents"] += s["documents"]

@@ -121,11 +121,17 @@ class Tokenizer:
 
         return encode
 
-    def document_batch_encoder(self, dtype) -> Callable[[list[str]], list[bytes]]:
-        """`document_encoder` over a list of texts (one record each, in order); an exception from one
-        text (UnicodeEncodeError for lone surrogates) propagates, the caller then goes text by text."""
-        encode = self.document_encoder(dtype)
-        return lambda texts: list(map(encode, texts))
+    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes, np.ndarray]]:
+        """A function texts -> (the `document_encoder` records of the texts concatenated in order, the
+        token count of each record as int64). An exception from one text (UnicodeEncodeError for lone
+        surrogates) propagates; the caller then goes text by text with `document_encoder`."""
+        encode, itemsize = self.document_encoder(dtype), np.dtype(dtype).itemsize
+
+        def encode_block(texts: list[str]) -> tuple[bytes, np.ndarray]:
+            records = list(map(encode, texts))
+            return b"".join(records), np.fromiter(map(len, records), np.int64, len(records)) // itemsize
+
+        return encode_block
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -308,23 +314,29 @@ class TiktokenTokenizer(Tokenizer):
 
         return encode
 
-    def document_batch_encoder(self, dtype) -> Callable[[list[str]], list[bytes]]:
-        encode = self.document_encoder(dtype)
+    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes, np.ndarray]]:
         dt = np.dtype(dtype)
         to_buffer = getattr(getattr(self._enc, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+        slow = super().document_block_encoder(dtype)
         if to_buffer is None or dt != np.dtype("=u4") or dt.byteorder == (">" if sys.byteorder == "little" else "<"):
-            return lambda texts: list(map(encode, texts))
+            return slow
         bos_b, eos_b = np.array([self.bos_id], dt).tobytes(), np.array([self.eos_id], dt).tobytes()
-        join, no_special = b"".join, frozenset()
+        between, no_special, bos_id = eos_b + bos_b, frozenset(), self.bos_id
 
-        def encode_batch(texts: list[str]) -> list[bytes]:
-            if max(map(len, texts), default=0) > _MAX_RUN_CHARS:
-                return list(map(encode, texts))
-            # The records of encode_fast (see document_encoder), built by C-level map/zip: no Python
-            # frame per text.
-            return list(map(join, zip(repeat(bos_b), map(to_buffer, texts, repeat(no_special)), repeat(eos_b))))
+        def encode_block(texts: list[str]) -> tuple[bytes, np.ndarray]:
+            if not texts or max(map(len, texts)) > _MAX_RUN_CHARS:
+                return slow(texts)
+            # One join for the whole batch: the library's buffers (native uint32 ids, the core call that
+            # `encode_to_numpy(text, disallowed_special=())` makes) with EOS+BOS between them, and no
+            # Python object or frame per text. Ordinary encoding never yields a special id, so the
+            # records start exactly where the BOS ids are.
+            block = b"".join((bos_b, between.join(map(to_buffer, texts, repeat(no_special))), eos_b))
+            starts = np.flatnonzero(np.frombuffer(block, dt) == bos_id)
+            if len(starts) != len(texts):  # not expected; the general path is always right
+                return slow(texts)
+            return block, np.diff(starts, append=len(block) // dt.itemsize)
 
-        return encode_batch
+        return encode_block
 
     def encode_with_special(self, text: str) -> list[int]:
         """Encode text in which `<|...|>` special-token strings mean the special tokens (chat prompts)."""

@@ -134,9 +134,57 @@ def test_records_hold_the_documents_in_order(prepared, ref):
     data = PreparedData(out)
     expected = _expected_tokens(ref, docs)
     np.testing.assert_array_equal(data.lengths, [len(e) for e in expected])
-    picks = [0, 1, len(docs) // 2, len(docs) - 1]
+    picks = [len(docs) - 1, 0, len(docs) // 2, 1, 0]  # any order, repeats allowed
     for i, arr in zip(picks, data.read(picks)):
         np.testing.assert_array_equal(arr, expected[i])
+    for arr, e in zip(data.read(range(len(docs))), expected):
+        np.testing.assert_array_equal(arr, e)
+
+
+def test_shards_are_blocks_of_whole_documents(prepared):
+    """The on-disk layout (see data_pipeline.prepare): each ArrayRecord record is the documents whose
+    first byte lies in one BLOCK_BYTES slice of the shard's token stream, end to end."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data_pipeline.prepare import BLOCK_BYTES
+
+    out, manifest, _ = prepared
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for shard in manifest["shards"]:
+        lengths, blocks = np.load(out / shard["lengths"]), np.load(out / shard["blocks"])
+        reader = ArrayRecordReader(str(out / shard["file"]))
+        records = reader.read_all()
+        reader.close()
+        starts = np.concatenate([[0], np.cumsum(lengths * itemsize)])
+        slices = starts[:-1] // BLOCK_BYTES
+        assert blocks.tolist() == np.flatnonzero(np.diff(slices, prepend=-1)).tolist() + [len(lengths)]
+        assert len(records) == len(blocks) - 1 < len(lengths) / 10  # short paragraphs share blocks
+        assert [len(r) for r in records] == [starts[b] - starts[a] for a, b in zip(blocks[:-1], blocks[1:])]
+        assert all(len(r) < BLOCK_BYTES + itemsize * lengths[b - 1] for r, b in zip(records, blocks[1:]))
+
+
+def test_blocks_do_not_depend_on_batching():
+    from data_pipeline.prepare import BLOCK_BYTES, _Blocks
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(2, 3 * BLOCK_BYTES // 2, size=300)  # uint16 tokens: some records span slices
+    stream = rng.integers(0, 1 << 16, size=int(counts.sum()), dtype="<u2").tobytes()
+    ends = np.cumsum(counts) * 2
+
+    def blocks_of(batch_ends):
+        written = []
+        b = _Blocks(type("W", (), {"write": staticmethod(written.append)}), 2)
+        lo = 0
+        for hi in batch_ends:
+            b.add(stream[(ends[lo - 1] if lo else 0) : ends[hi - 1]], counts[lo:hi])
+            lo = hi
+        b.close()
+        return written, b.starts().tolist(), b.lengths().tolist()
+
+    whole = blocks_of([len(counts)])
+    assert b"".join(whole[0]) == stream and whole[2] == counts.tolist() and 1 < len(whole[0]) < len(counts)
+    assert blocks_of(range(1, len(counts) + 1)) == whole
+    assert blocks_of(sorted(set(rng.integers(1, len(counts), 20).tolist())) + [len(counts)]) == whole
 
 
 def test_rerun_is_idempotent(prepared, corpus, tok_path):

@@ -118,6 +118,25 @@ def test_llama3_long_source_files_are_exact(llama3):
     assert llama3.encode(text) == llama3._enc.encode_ordinary(text)
 
 
+@pytest.mark.parametrize(
+    "which, dtype", [("llama2", "<u2"), ("llama2", "<u4"), ("llama2", ">u4"), ("llama3", "<u4"), ("llama3", ">u4")]
+)
+def test_document_encoders_make_bos_text_eos_records(which, dtype, request, paragraphs):
+    """The data pipeline's record encoders equal `encode(text, bos=True, eos=True)` in the record dtype,
+    on their fast paths (short texts, native uint32) and the general ones (long texts, other dtypes)."""
+    tok = request.getfixturevalue(which)
+    texts = paragraphs[:40] + ["caf\u00e9 \u4e16\u754c \U0001f600", "<|eot_id|> is text"]
+    expected = [np.asarray(tok.encode(t, bos=True, eos=True), dtype) for t in texts]
+    one = tok.document_encoder(dtype)
+    assert [one(t) for t in texts] == [e.tobytes() for e in expected]
+    block = tok.document_block_encoder(dtype)
+    for batch in (texts, texts[:1], [], texts[:3] + ["word " * 6000]):  # the last is over 25,000 characters
+        want = [np.asarray(tok.encode(t, bos=True, eos=True), dtype) for t in batch]
+        data, counts = block(batch)
+        assert bytes(data) == b"".join(w.tobytes() for w in want)
+        assert counts.dtype == np.int64 and counts.tolist() == [len(w) for w in want]
+
+
 def test_llama3_pathological_runs_do_not_crash(llama3):
     text = "a" * 60_000 + " " * 30_000 + "b\n" + "x" * 100
     ids = llama3.encode(text)
