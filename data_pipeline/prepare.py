@@ -98,13 +98,15 @@ def default_unit_bytes(total_bytes: int) -> int:
     return int(min(256 << 20, max(1 << 20, total_bytes // 64)))
 
 
-def plan_units(files: Sequence[InputFile], unit_bytes: int) -> list[list[Piece]]:
-    """Cut the inputs into units of about `unit_bytes`, in input order (deterministic)."""
+def plan_units(files: Sequence[InputFile], unit_bytes: int, split_blank_lines: bool = False) -> list[list[Piece]]:
+    """Cut the inputs into units of about `unit_bytes`, in input order (deterministic). A big file that
+    can be read by byte ranges (see `InputFile.splittable`) is cut into several units, so that one big
+    file is still tokenized on all cores."""
     units: list[list[Piece]] = []
     current: list[Piece] = []
     size = 0
     for i, f in enumerate(files):
-        if f.splittable and f.size > unit_bytes:
+        if f.splittable(split_blank_lines) and f.size > unit_bytes:
             if current:
                 units.append(current)
                 current, size = [], 0
@@ -421,7 +423,7 @@ def prepare(
         tok = load_tokenizer(tokenizer)
         total_bytes = sum(f.size for f in files)
         unit_bytes = int(unit_bytes or default_unit_bytes(total_bytes))
-        units = plan_units(files, unit_bytes)
+        units = plan_units(files, unit_bytes, options["split_blank_lines"])
         fingerprint = _fingerprint(
             {
                 "format_version": FORMAT_VERSION,

@@ -83,10 +83,10 @@ class InputFile:
     compression: str | None
     size: int
 
-    @property
-    def splittable(self) -> bool:
-        """Whether byte ranges of the file can be read independently (uncompressed JSONL only)."""
-        return self.format == "jsonl" and self.compression is None
+    def splittable(self, split_blank_lines: bool = False) -> bool:
+        """Whether byte ranges of the file can be read independently: uncompressed JSONL (by lines) and
+        uncompressed text split on blank lines (by paragraphs)."""
+        return self.compression is None and (self.format == "jsonl" or (self.format == "text" and split_blank_lines))
 
 
 def detect_format(path: str | os.PathLike, fmt: str | None = None) -> tuple[str, str | None]:
@@ -293,6 +293,48 @@ def _text_documents(data: bytes, split_blank_lines: bool, skipped: Counter) -> I
     yield from _text_document_list(data, split_blank_lines, skipped)
 
 
+def _text_bytes(f: InputFile, split_blank_lines: bool, start: int, end: int | None) -> bytes:
+    if f.splittable(split_blank_lines) and (start > 0 or end is not None):
+        return _text_range(f, start, end)
+    with _open_binary(f) as fh:
+        return fh.read()
+
+
+_NOT_BLANK = re.compile(rb"[^ \t\f\v\r\n]")
+
+
+def _paragraph_boundary(fh, x: int, size: int) -> int:
+    """Where the paragraphs of a text file are cut near byte `x`: the end of the first blank-line
+    separator found by searching from `x` (the end of the file if there is none). It depends only on the
+    bytes from `x` on, so neighbouring ranges [.., x) and [x, ..) agree on it: together they read every
+    paragraph once, and split exactly as the whole file does."""
+    if x <= 0 or x >= size:
+        return max(0, min(x, size))
+    fh.seek(x)
+    buf = b""
+    while True:
+        more = fh.read(max(1 << 16, len(buf)))
+        buf += more
+        m = _BLANK_LINES.search(buf)
+        # A separator is complete once a non-blank byte follows it (or the file ends): until then more
+        # blank lines might extend it.
+        if m is not None and (not more or _NOT_BLANK.search(buf, m.end())):
+            return x + m.end()
+        if not more:
+            return size
+
+
+def _text_range(f: InputFile, start: int, end: int | None) -> bytes:
+    """The bytes of the paragraphs of a text file that belong to byte range [start, end)."""
+    with _open_binary(f) as fh:
+        a = _paragraph_boundary(fh, start, f.size)
+        b = f.size if end is None else _paragraph_boundary(fh, end, f.size)
+        if b <= a:
+            return b""
+        fh.seek(a)
+        return fh.read(b - a)
+
+
 def _jsonl_lines(f: InputFile, start: int, end: int | None) -> Iterator[bytes]:
     """Lines of a JSONL file that *start* at a byte offset in [start, end)."""
     with _open_binary(f) as fh:
@@ -383,7 +425,9 @@ def iter_documents(
     skipped: Counter | None = None,
     errors: list[dict] | None = None,
 ) -> Iterator[str]:
-    """The documents of `f` (for splittable files, of the lines starting in [start, end)).
+    """The documents of `f` (for splittable files, those of byte range [start, end): the JSONL lines that
+    start in it; the paragraphs cut at the first blank-line separators searched for from `start` and
+    from `end`).
 
     Dropped documents are counted in `skipped` by reason; a file that fails to decompress part-way is
     counted once under `corrupt_compressed_file` / `corrupt_file` and described in `errors`, and the
@@ -394,9 +438,7 @@ def iter_documents(
     yielded = 0
     try:
         if f.format == "text":
-            with _open_binary(f) as fh:
-                data = fh.read()
-            for doc in _text_documents(data, split_blank_lines, skipped):
+            for doc in _text_documents(_text_bytes(f, split_blank_lines, start, end), split_blank_lines, skipped):
                 yielded += 1
                 yield doc
         elif f.format == "jsonl":
@@ -446,9 +488,7 @@ def iter_document_batches(
     skipped = Counter() if skipped is None else skipped
     errors = [] if errors is None else errors
     if f.format == "text" and f.compression is None:
-        with _open_binary(f) as fh:
-            data = fh.read()
-        docs = _text_document_list(data, split_blank_lines, skipped)
+        docs = _text_document_list(_text_bytes(f, split_blank_lines, start, end), split_blank_lines, skipped)
         for i in range(0, len(docs), batch_size):
             yield docs[i : i + batch_size]
         return

@@ -114,7 +114,9 @@ def test_manifest_counts_equal_direct_tokenizer_count(prepared, ref, corpus):
     expected = _expected_tokens(ref, docs)
     assert manifest["documents"] == len(docs)
     assert manifest["tokens"] == sum(len(e) for e in expected)  # BOS and EOS included
-    assert len(manifest["shards"]) == 5  # one per file here (each file is over unit_bytes)
+    # Each file (25-40 KB) is cut into byte ranges of 16 KB, each a unit and a shard.
+    sizes = [p.stat().st_size for p in (corpus[0] / "parts").iterdir()]
+    assert len(manifest["shards"]) == sum(-(-n // (16 << 10)) for n in sizes) > len(sizes)
     assert [s["tokens"] for s in manifest["shards"]] == [
         int(np.load(out / s["lengths"]).sum()) for s in manifest["shards"]]
     for src in manifest["sources"]:
@@ -235,6 +237,47 @@ def test_big_jsonl_is_split_by_byte_ranges(corpus, ref, tok_path, tmp_path):
     assert len(m["shards"]) >= 5
     assert m["documents"] == len(all_docs)
     assert m["tokens"] == sum(len(e) for e in _expected_tokens(ref, all_docs))
+
+
+def test_big_text_is_split_by_paragraph_ranges(corpus, ref, tok_path, tmp_path):
+    from data_pipeline.loader import PreparedData
+
+    root, docs = corpus
+    all_docs = docs["war-and-peace"]
+    m = prepare([root / "war-and-peace.txt"], tmp_path / "out", tok_path, split_blank_lines=True, unit_bytes=16 << 10, workers=2, **QUIET)
+    assert len(m["shards"]) >= 5 and m["documents"] == len(all_docs)
+    expected = _expected_tokens(ref, all_docs)
+    assert m["tokens"] == sum(len(e) for e in expected)
+    for arr, e in zip(PreparedData(tmp_path / "out").read(range(len(all_docs))), expected):
+        np.testing.assert_array_equal(arr, e)
+
+
+def test_paragraph_ranges_tile_the_file(tmp_path):
+    """Any cut of a text file into byte ranges reads every paragraph once, split as the whole file is:
+    cuts inside paragraphs, inside separators, in CRLF and whitespace-only lines, at both ends."""
+    from data_pipeline.sources import expand_inputs, iter_documents
+
+    rng = np.random.default_rng(0)
+    seps = ["\n\n", "\n\n\n", "\n \n", "\r\n\r\n", "\n\t\n\n", "\n  \n \n"]
+    words = ["alpha", "beta gamma", "delta\nepsilon", "  indented", "\u00e9t\u00e9", "x\r\ny"]
+    text = "\n" + "".join(rng.choice(words) + rng.choice(seps) for _ in range(300)) + "   \n"
+    # Boundaries searched for past the first 64 KiB read: a long paragraph, a long blank separator.
+    text = "para\n" * 20_000 + "\n" + text + "\n" + " " * 70_000 + "\n\n" + text
+    path = tmp_path / "t.txt"
+    path.write_bytes(text.encode())
+    (f,) = expand_inputs([path])
+    whole_skipped = Counter()
+    whole = list(iter_documents(f, split_blank_lines=True, skipped=whole_skipped))
+    assert len(whole) > 250
+    size = path.stat().st_size
+    for trial in range(60):
+        k = 1 + trial % 12
+        cuts = sorted(set(rng.integers(1, size, k).tolist())) if trial % 3 else sorted(set(rng.integers(1, 40, k).tolist()))
+        cuts = sorted(set(cuts + [100_000 + 2_000 * trial])) if trial % 2 else cuts
+        got, skipped = [], Counter()
+        for a, b in zip([0] + cuts, cuts + [None]):
+            got += list(iter_documents(f, split_blank_lines=True, start=a, end=b, skipped=skipped))
+        assert got == whole and skipped == whole_skipped, cuts
 
 
 def test_compressed_and_parquet_inputs(corpus, ref, tok_path, tmp_path):
