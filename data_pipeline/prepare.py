@@ -130,7 +130,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(tokenizer_path: str, sha256: str) -> None:
-    # A forked worker already holds the parent's tokenizer (loading Llama 3's takes about half a second).
+    # A worker made by plain fork (see _pool_context) already holds the parent's tokenizer.
     held = _WORKER.get("tokenizer")
     if held is None or held.sha256 != sha256:
         _WORKER["tokenizer"] = load_tokenizer(tokenizer_path)
@@ -280,17 +280,12 @@ def _run_unit_star(args) -> dict:
 
 
 def _pool_context(tok: Tokenizer):
-    """Plain fork where this process has a single thread (the usual case for `llama-jax prepare`):
-    workers start in milliseconds and inherit the loaded tokenizer. Otherwise (JAX or a progress
-    bar may have started threads, and forking a threaded process can deadlock the child) forkserver
-    with this module preloaded; a main script that cannot be re-imported (`python - < script`) would
-    make every forkserver child fail at start, so there fork is used all the same."""
+    """forkserver (safe where the caller has threads, e.g. JAX's) with this module preloaded, so workers
+    start in well under a second. A main script that cannot be re-imported (`python - < script`) would
+    make every forkserver child fail at start, so there plain fork is used instead (its workers inherit
+    the loaded tokenizer)."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    try:
-        single_threaded = len(os.listdir("/proc/self/task")) == 1
-    except OSError:  # not Linux
-        single_threaded = False
-    if single_threaded or (main_file is not None and not os.path.isfile(main_file)):
+    if main_file is not None and not os.path.isfile(main_file):
         _WORKER["tokenizer"] = tok
         return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
@@ -480,7 +475,6 @@ def prepare(
         # Each job carries only its own files (a corpus can have many thousands).
         jobs = [(i, units[i], {fi: files[fi] for fi, _, _ in units[i]}, str(out), options) for i in pending]
         t0 = time.perf_counter()
-        # The pool starts before the progress bar, whose monitor thread would rule out a plain fork.
         pool = _pool_context(tok).Pool(workers, initializer=_worker_init, initargs=(tok.path, tok.sha256)) if workers > 1 else None
         bar = _progress_bar(progress, total_bytes, done)
         with open(progress_path, "a") as plog, pool or contextlib.nullcontext():
