@@ -22,6 +22,7 @@ record does not have) are errors raised before any work starts, by `check_input`
 
 from __future__ import annotations
 
+import bisect
 import glob
 import gzip
 import hashlib
@@ -262,8 +263,15 @@ _BLANK_LINES = re.compile(rb"\n(?:[ \t\f\v\r]*\n)+")
 
 
 def _text_document_list(data: bytes, split_blank_lines: bool, skipped: Counter) -> list[str]:
-    # A paragraph does not own the line breaks around it (the file's final newline, say).
-    chunks = [c.strip(b"\r\n") for c in _BLANK_LINES.split(data)] if split_blank_lines else [data]
+    # A paragraph does not own the line breaks around it (the file's final newline, say). Without a
+    # "\r" in the file only the first and the last chunk can have any: a separator takes every
+    # newline next to it.
+    chunks = _BLANK_LINES.split(data) if split_blank_lines else [data]
+    if split_blank_lines and b"\r" in data:
+        chunks = [c.strip(b"\r\n") for c in chunks]
+    elif split_blank_lines:
+        chunks[0] = chunks[0].lstrip(b"\n")
+        chunks[-1] = chunks[-1].rstrip(b"\n")
     try:
         texts = list(map(bytes.decode, chunks))  # UTF-8, strict
     except UnicodeDecodeError:  # rare: one chunk at a time, counting in document order
@@ -281,7 +289,7 @@ def _text_document_list(data: bytes, split_blank_lines: bool, skipped: Counter) 
             docs.append(text)
         return docs
     # `t.isspace()` is `not t.strip()` for non-empty t, without copying t.
-    docs = [t for t in texts if t and not t.isspace()]
+    docs = [t for t in texts if t and not t.isspace()] if "" in texts or any(map(str.isspace, texts)) else texts
     # A leading/trailing break makes an empty chunk: not a document, and not counted as skipped.
     empty = len(texts) - len(docs) - (texts.count("") if split_blank_lines else 0)
     if empty:
@@ -481,16 +489,24 @@ def iter_document_batches(
     skipped: Counter | None = None,
     errors: list[dict] | None = None,
     batch_size: int = 256,
+    batch_chars: int = 256 << 10,
 ) -> Iterator[list[str]]:
-    """`iter_documents` in lists of up to `batch_size` (the same documents, counts and errors), for loops
-    that pay per item. An uncompressed text file is read and split whole, without a generator step per
-    document. Small batches keep a batch's tokens and records in the CPU caches."""
+    """`iter_documents` in lists (the same documents, counts and errors), for loops that pay per item.
+    An uncompressed text file is read and split whole, without a generator step per document, and cut
+    into lists of about `batch_chars` characters (at most 16 x `batch_size` documents); other inputs
+    come in lists of `batch_size` documents. Batches of a few hundred KB keep their tokens and
+    records in the CPU caches."""
     skipped = Counter() if skipped is None else skipped
     errors = [] if errors is None else errors
     if f.format == "text" and f.compression is None:
         docs = _text_document_list(_text_bytes(f, split_blank_lines, start, end), split_blank_lines, skipped)
-        for i in range(0, len(docs), batch_size):
-            yield docs[i : i + batch_size]
+        ends = list(itertools.accumulate(map(len, docs)))
+        i = 0
+        while i < len(docs):
+            full = bisect.bisect_left(ends, (ends[i - 1] if i else 0) + batch_chars, i)  # the first to fill it
+            j = min(full + 1, i + 16 * batch_size, len(docs))
+            yield docs[i:j]
+            i = j
         return
     docs_iter = iter_documents(
         f, text_field=text_field, split_blank_lines=split_blank_lines, start=start, end=end, skipped=skipped, errors=errors

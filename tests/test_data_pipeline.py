@@ -8,6 +8,7 @@ sharding are all checked against an independent reference.
 import gzip
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -363,9 +364,26 @@ def test_document_batches_are_the_documents(tmp_path):
         for split in (False, True):
             want_skipped, got_skipped = Counter(), Counter()
             want = list(iter_documents(f, split_blank_lines=split, skipped=want_skipped))
-            got = [d for b in iter_document_batches(f, split_blank_lines=split, skipped=got_skipped) for d in b]
+            got = [d for b in iter_document_batches(f, split_blank_lines=split, skipped=got_skipped, batch_chars=16) for d in b]
             assert got == want and got_skipped == want_skipped, (raw, split)
             assert all(v for v in got_skipped.values())  # no reason recorded with a zero count
+            # The rule itself, spelled out: split on lines of only blanks, strip the line breaks at each
+            # end, skip what is empty after that (counted unless it is the nothing before the first or
+            # after the last separator).
+            chunks = re.split(rb"\n(?:[ \t\f\v\r]*\n)+", raw) if split else [raw]
+            rule, empty, bad = [], 0, 0
+            for k, c in enumerate(chunks):
+                c = c.strip(b"\r\n") if split else c
+                try:
+                    t = c.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad += 1
+                    continue
+                if t.strip():
+                    rule.append(t)
+                elif c or not split or 0 < k < len(chunks) - 1:
+                    empty += 1
+            assert want == rule and want_skipped == Counter({k: v for k, v in (("empty", empty), ("invalid_utf8", bad)) if v}), raw
 
 
 def test_llama3_shards_hold_bos_tokens_eos(shared_data, tmp_path):
