@@ -259,7 +259,7 @@ def _get_field(record, field: str):
 # A paragraph break: a line break followed by one or more whitespace-only lines. Written to start with a
 # literal "\n" (a "\r" before it is stripped with the paragraph's line breaks), which lets the regex
 # engine jump from newline to newline: several times faster than `\r?\n...`.
-_BLANK_LINES = re.compile(rb"\n(?:[ \t\f\v\r]*\n)+")
+_BLANK_LINES = re.compile(rb"\n(?:[ \t\f\v\r]*+\n)++")  # possessive: nothing to backtrack into, and faster
 
 
 def _text_document_list(data: bytes, split_blank_lines: bool, skipped: Counter) -> list[str]:
