@@ -238,7 +238,7 @@ class _Blocks:
         self._lengths: list[np.ndarray] = []
         self._starts: list[int] = []
 
-    def add(self, data: bytes, counts: np.ndarray) -> None:
+    def add(self, data: bytes | memoryview, counts: np.ndarray) -> None:
         """Append records: `data` their bytes end to end, `counts` the token count of each."""
         if not len(counts):
             return

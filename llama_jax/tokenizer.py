@@ -30,7 +30,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ class Tokenizer:
 
         return encode
 
-    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes, np.ndarray]]:
+    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes | memoryview, np.ndarray]]:
         """A function texts -> (the `document_encoder` records of the texts concatenated in order, the
         token count of each record as int64). An exception from one text (UnicodeEncodeError for lone
         surrogates) propagates; the caller then goes text by text with `document_encoder`."""
@@ -314,27 +314,27 @@ class TiktokenTokenizer(Tokenizer):
 
         return encode
 
-    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes, np.ndarray]]:
+    def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes | memoryview, np.ndarray]]:
         dt = np.dtype(dtype)
         to_buffer = getattr(getattr(self._enc, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
         slow = super().document_block_encoder(dtype)
         if to_buffer is None or dt != np.dtype("=u4") or dt.byteorder == (">" if sys.byteorder == "little" else "<"):
             return slow
-        bos_b, eos_b = np.array([self.bos_id], dt).tobytes(), np.array([self.eos_id], dt).tobytes()
-        between, no_special, bos_id = eos_b + bos_b, frozenset(), self.bos_id
+        between = np.array([self.eos_id, self.bos_id], dt).tobytes()
+        no_special, bos_id, edge = frozenset(), self.bos_id, dt.itemsize
 
-        def encode_block(texts: list[str]) -> tuple[bytes, np.ndarray]:
+        def encode_block(texts: list[str]) -> tuple[memoryview, np.ndarray]:
             if not texts or max(map(len, texts)) > _MAX_RUN_CHARS:
                 return slow(texts)
             # One join for the whole batch: the library's buffers (native uint32 ids, the core call that
-            # `encode_to_numpy(text, disallowed_special=())` makes) with EOS+BOS between them, and no
-            # Python object or frame per text. Ordinary encoding never yields a special id, so the
-            # records start exactly where the BOS ids are.
-            block = b"".join((bos_b, between.join(map(to_buffer, texts, repeat(no_special))), eos_b))
+            # `encode_to_numpy(text, disallowed_special=())` makes) with EOS+BOS between them and around
+            # them, and no Python object or frame per text; the outer EOS and BOS are cut off by a view.
+            # Ordinary encoding never yields a special id, so records start exactly at the BOS ids.
+            block = memoryview(between.join(chain((b"",), map(to_buffer, texts, repeat(no_special)), (b"",))))[edge:-edge]
             starts = np.flatnonzero(np.frombuffer(block, dt) == bos_id)
             if len(starts) != len(texts):  # not expected; the general path is always right
                 return slow(texts)
-            return block, np.diff(starts, append=len(block) // dt.itemsize)
+            return block, np.diff(starts, append=len(block) // edge)
 
         return encode_block
 
