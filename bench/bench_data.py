@@ -101,13 +101,11 @@ def _library_ceiling(tok_path, directory, counts: list[int]) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    out = {}
+    job = (str(tok_path), str(directory))
     with ctx.Pool(max(counts)) as pool:
-        alone = min(pool.map(_library_loop, [(str(tok_path), str(directory))] * 1))
-        for n in counts:
-            together = pool.map(_library_loop, [(str(tok_path), str(directory))] * n, chunksize=1)
-            out[n] = n * alone / max(together)
-    return out
+        together = {n: max(pool.map(_library_loop, [job] * n, chunksize=1)) for n in counts if n > 1}
+        alone = min(pool.apply(_library_loop, (job,)) for _ in range(2))
+    return {1: 1.0, **{n: n * alone / t for n, t in together.items()}}
 
 
 def _per_core(args) -> dict:
@@ -301,13 +299,14 @@ def main(args) -> int:
                  + (f"; {len(r['per_core_efficiency_trials'])} processes: "
                     + ", ".join(f"{100 * e:.1f}" for e in r["per_core_efficiency_trials"]) if len(r["per_core_efficiency_trials"]) > 1 else "")),
             ]
-        one = tokenization["scaling"][name][1]
+        one, tokens = tokenization["scaling"][name][1], tokenization["scaling_tokens"][name]
+        startups = tokenization["scaling_startup_s"][name]
         for w, v in tokenization["scaling"][name].items():
-            ceiling = tokenization["scaling_ceiling"][name][w]
-            startup = tokenization["scaling_startup_s"][name][w]
+            ceiling, startup = tokenization["scaling_ceiling"][name][w], startups[w]
+            after = (tokens / one - startups[1]) / (tokens / v - startup)
             rows.append((f"{name}: prepare end to end, {w} worker(s)",
-                         f"{v / 1e6:.2f} M tok/s wall, {v / one:.2f}x (the machine allows {ceiling:.2f}x); "
-                         f"start-up {startup:.2f} s of {tokenization['scaling_tokens'][name] / v:.2f} s"))
+                         f"{v / 1e6:.2f} M tok/s wall, {v / one:.2f}x; start-up {startup:.2f} s of {tokens / v:.2f} s"
+                         + (f"; after start-up {after:.2f}x (the machine allows {ceiling:.2f}x)" if w > 1 else "")))
     rows.append(("load average (1, 5, 15 min)", ", ".join(f"{x:.1f}" for x in tokenization["load_average"])))
     for label, v in loading.items():
         rows.append((f"loader: {label}", f"{v['tokens_per_cpu_s'] / 1e6:.2f} M tok/CPU-s, "
