@@ -26,6 +26,7 @@ on an accelerator. `prefill` and `decode_step` are exposed so a benchmark can ti
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Sequence
 
@@ -245,6 +246,13 @@ def generate(cfg: LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], *,
         return [[] for _ in prompts]
 
     longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        # Allowed (rotary positions are defined everywhere), but the model never saw such positions.
+        warnings.warn(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) runs past the "
+            f"model's max_seq_len ({cfg.max_seq_len}); positions beyond it were never trained",
+            stacklevel=2,
+        )
     if max_len is None:
         prompt_len = bucket(longest)
         max_len = bucket(prompt_len + max_new_tokens)

@@ -109,7 +109,8 @@ def test_stop_ids_end_each_row(unrolled):
     assert got[0] == free[0][:3]
     # Every row stopping ends the loop early: the same result with a much larger budget.
     all_stop = [f[1] for f in free]
-    short = generate(BASE, unrolled, PROMPTS, max_new_tokens=200, stop_ids=all_stop)
+    long_cfg = BASE.replace(max_seq_len=256)  # the same weights, trained (notionally) for the budget
+    short = generate(long_cfg, unrolled, PROMPTS, max_new_tokens=200, stop_ids=all_stop)
     assert all(len(s) <= 1 for s in short)
     assert short == [naive_greedy(BASE, unrolled, p, 200, stop_ids=all_stop) for p in PROMPTS]
 
@@ -150,6 +151,13 @@ def test_bad_arguments_are_explained(unrolled):
         generate(BASE, unrolled, [[1, V]], max_new_tokens=2)
     with pytest.raises(ValueError, match="exceeds max_len"):
         generate(BASE, unrolled, [[1, 2, 3]], max_new_tokens=10, max_len=8)
+
+
+def test_generating_past_max_seq_len_warns(unrolled):
+    short = BASE.replace(max_seq_len=8)
+    with pytest.warns(UserWarning, match=r"runs past the model's max_seq_len \(8\)"):
+        out = generate(short, unrolled, [[1, 2, 3]], max_new_tokens=6)
+    assert out == generate(BASE, unrolled, [[1, 2, 3]], max_new_tokens=6)  # a warning, not a change
 
 
 # ----------------------------------------------------------------------------------------------------
