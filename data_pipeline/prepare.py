@@ -16,8 +16,8 @@ Output directory layout:
     .prepare-progress.jsonl        one line per finished shard (resume state); kept after completion
 
 The work is planned before it starts: the inputs (sorted) are cut into *units* of about `unit_bytes` of
-input — whole files, grouped while small, or line-aligned byte ranges of big uncompressed JSONL files —
-and unit i always becomes shard i. Worker processes (one per core) each read, tokenize and write whole
+input — whole files, grouped while small, or byte ranges of big uncompressed files: JSONL cut at lines,
+text split on blank lines cut at paragraph breaks — and unit i always becomes shard i. Worker processes (one per core) each read, tokenize and write whole
 units; a shard is written under a temporary name and renamed when complete, and only then recorded in
 the progress log. So the output is the same whatever the number of workers, a re-run with the same
 inputs, tokenizer and options finds `manifest.json` and does nothing, and an interrupted run redoes only
