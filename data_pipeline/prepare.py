@@ -158,7 +158,7 @@ def run_unit(
 
     tok = tokenizer or _WORKER["tokenizer"]
     dtype = token_dtype(tok.vocab_size)
-    encode, encode_block = tok.document_encoder(dtype), tok.document_block_encoder(dtype)
+    encode_block = tok.document_block_encoder(dtype)
     out = Path(out_dir)
     tmp = out / f"{shard_name(index)}.tmp.{os.getpid()}"
     per_file: dict[int, dict] = {}
@@ -182,15 +182,10 @@ def run_unit(
             ):
                 try:
                     data, counts = encode_block(docs)
-                except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\ud800" escape)
-                    records = []
-                    for doc in docs:
-                        try:
-                            records.append(encode(doc))
-                        except UnicodeEncodeError:
-                            skipped["invalid_utf8"] += 1
-                    data = b"".join(records)
-                    counts = np.fromiter(map(len, records), np.int64, len(records)) // dtype.itemsize
+                except UnicodeEncodeError:  # lone surrogates (e.g. from a JSON "\ud800" escape): rare
+                    valid = [doc for doc in docs if _is_utf8(doc)]
+                    skipped["invalid_utf8"] += len(docs) - len(valid)
+                    data, counts = encode_block(valid)
                 blocks.add(data, counts)
                 stats["documents"] += len(counts)
                 stats["tokens"] += int(counts.sum())
@@ -222,6 +217,15 @@ def run_unit(
         },
         "errors": errors,
     }
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether `text` has a UTF-8 form (what the tokenizers need): not if it holds a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Blocks:
