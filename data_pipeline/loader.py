@@ -200,7 +200,9 @@ class PreparedData:
             self._block_starts.append(blocks)
         self.lengths = np.concatenate(lengths).astype(np.int64)
         self.num_documents = len(self.lengths)
-        self._token_starts = np.zeros(self.num_documents + 1, np.int64)  # of each document in its shard's stream
+        # Where each document starts in all shards' tokens end to end; a difference within one shard places a
+        # document in its block.
+        self._token_starts = np.zeros(self.num_documents + 1, np.int64)
         np.cumsum(self.lengths, out=self._token_starts[1:])
         self.tokenizer_sha256 = self.manifest["tokenizer"]["sha256"]
         self._shard_paths = [str(Path(path) / s["file"]) for s in shards]

@@ -124,7 +124,7 @@ class Tokenizer:
     def document_block_encoder(self, dtype) -> Callable[[list[str]], tuple[bytes | memoryview, np.ndarray]]:
         """A function texts -> (the `document_encoder` records of the texts concatenated in order, the
         token count of each record as int64). An exception from one text (UnicodeEncodeError for lone
-        surrogates) propagates; the caller then goes text by text with `document_encoder`."""
+        surrogates) propagates: the caller drops such texts and calls again."""
         encode, itemsize = self.document_encoder(dtype), np.dtype(dtype).itemsize
 
         def encode_block(texts: list[str]) -> tuple[bytes, np.ndarray]:

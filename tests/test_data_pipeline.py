@@ -659,6 +659,20 @@ def test_loader_bad_inputs(prepared, wiki, corpus, shared_data, tmp_path):
         make_loader({str(out): 1.0, str(other): 1.0}, seq_len=8, global_batch_size=2)
     with pytest.raises(ValueError, match="no eval documents"):  # one document: nothing to hold out
         make_loader(other, seq_len=8, global_batch_size=2, split="eval")
+    # A damaged block index, a missing one, and a directory in the older one-record-per-document format.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    blocks = copy / read_manifest(copy)["shards"][0]["blocks"]
+    np.save(blocks, np.load(blocks)[::-1])
+    with pytest.raises(ValueError, match=r"shard-00000.blocks.npy is not a block index of \d+ documents"):
+        make_loader(copy, seq_len=8, global_batch_size=2)
+    blocks.unlink()
+    with pytest.raises(FileNotFoundError, match="is missing shard-00000.array_record, shard-00000.lengths.npy or shard-00000.blocks.npy"):
+        make_loader(copy, seq_len=8, global_batch_size=2)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"format_version 1; this version of llama-jax reads format 2: prepare the data again"):
+        make_loader(copy, seq_len=8, global_batch_size=2)
 
 
 def test_hugging_face_inputs_are_parsed_and_guarded(tok_path, tmp_path):
