@@ -27,3 +27,27 @@ def test_bench_generate_reports_both_batch_sizes(capsys):
     for b in (1, 4):
         assert rec[f"batch{b}_tokens_per_s"] > 0 and rec[f"batch{b}_peer_tokens_per_s"] > 0
         assert rec[f"batch{b}_ratio"] > 0
+
+
+def test_bench_data_measures_what_it_says_on_a_small_corpus(shared_data, tmp_path):
+    """The data benchmark's two measurements, on 200 KB: the per-core comparison tokenizes the same
+    documents both ways (it checks the token counts itself), and the ceiling of N processes is N x the
+    time of one over the slowest of N (1 for one)."""
+    from bench.bench_data import _library_ceiling, _per_core
+    from llama_jax.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (shared_data / "corpus/war-and-peace.txt").read_text()[:200_000]
+    (corpus / "part.txt").write_text(text)
+    (tmp_path / "shards").mkdir()
+    tok_path = shared_data / "tokenizers/llama3/tokenizer.model"
+    r = _per_core((str(corpus), str(tok_path), True, 1, str(tmp_path / "shards")))
+    docs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+    tok = load_tokenizer(tok_path)
+    assert r["documents"] == len(docs) and r["tokens"] == sum(len(tok.encode(d)) for d in docs)
+    assert r["direct_reference"] in ("CoreBPE.encode_to_tiktoken_buffer", "Encoding.encode_ordinary")
+    ratio = r["pipeline_tokens_per_cpu_s"] / r["direct_tokens_per_cpu_s"]
+    assert abs(r["per_core_efficiency"] / ratio - 1) < 1e-9 and 0.5 < ratio < 1.5
+    ceiling = _library_ceiling(tok_path, corpus, [1, 2])
+    assert ceiling[1] == 1.0 and 0.5 < ceiling[2] < 2.5
