@@ -210,7 +210,7 @@ def run_unit(
         "shard": shard,
         "documents": len(lengths),
         "tokens": int(lengths.sum()),
-        "bytes": int(sum(files[fi].size if end is None else end - start for fi, start, end in pieces)),
+        "bytes": int(sum((files[fi].size if end is None else end) - start for fi, start, end in pieces)),
         "files": {
             str(fi): {"documents": s["documents"], "tokens": s["tokens"], "skipped": dict(s["skipped"])}
             for fi, s in per_file.items()

@@ -247,6 +247,8 @@ def test_big_text_is_split_by_paragraph_ranges(corpus, ref, tok_path, tmp_path):
     all_docs = docs["war-and-peace"]
     m = prepare([root / "war-and-peace.txt"], tmp_path / "out", tok_path, split_blank_lines=True, unit_bytes=16 << 10, workers=2, **QUIET)
     assert len(m["shards"]) >= 5 and m["documents"] == len(all_docs)
+    units = [json.loads(line) for line in (tmp_path / "out/.prepare-progress.jsonl").read_text().splitlines()[1:]]
+    assert sum(u["bytes"] for u in units) == (root / "war-and-peace.txt").stat().st_size  # the progress bar's 100%
     expected = _expected_tokens(ref, all_docs)
     assert m["tokens"] == sum(len(e) for e in expected)
     for arr, e in zip(PreparedData(tmp_path / "out").read(range(len(all_docs))), expected):
