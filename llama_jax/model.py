@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.attention import Mask, attend, attention_mask
 from llama_jax.config import LlamaConfig
 
 Array = jax.Array
@@ -39,6 +40,14 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     """A weight initialised N(0, std²), stored in the config's param dtype, tagged with logical axes."""
     init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
     return module.param(name, init, shape, jnp.dtype(module.cfg.param_dtype))
+
+
+def linear(eq: str, x: Array, w: Array) -> Array:
+    """x · w as the einsum `eq` spells it, in x's dtype (w is cast from the param dtype).
+
+    Every weight matmul of the model goes through here: one place decides how the contraction is
+    handed to the compiler."""
+    return jnp.einsum(eq, x, w.astype(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -92,48 +101,14 @@ def apply_rope(x: Array, positions: Array, freqs: np.ndarray) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention
-
-
-def attention_mask(q_slots: Array, q_segments: Array, k_segments: Array) -> Array:
-    """(B, T, S) bool: query at slot q_slots[t] sees key slot s iff s <= q_slots[t] (causal) and both
-    belong to the same segment (packed documents never see each other; segment 0 is padding, which
-    sees only padding, so no row of the softmax is empty)."""
-    causal = jnp.arange(k_segments.shape[1])[None, None, :] <= q_slots[None, :, None]  # (1, T, S)
-    same_segment = q_segments[:, :, None] == k_segments[:, None, :]  # (B, T, S)
-    return causal & same_segment
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """softmax(q·kᵀ/√H + mask)·v with grouped-query heads. q (B,T,N,H); k, v (B,K,S,H); mask (B,T,S).
-
-    Keys and values are head-major, as the KV cache stores them: with the batch axes (B, K) leading on
-    every operand, XLA runs the two matmuls without transposing the cache (on CPU, a decode step's
-    attention over a 32×256-slot cache is ~8× faster than with (B, S, K, H))."""
-    b, t, n, h = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H): each kv head serves G
-    scores = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
-def cudnn_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """The same function through cuDNN's fused kernel (NVIDIA GPUs, bf16/fp16)."""
-    if jax.default_backend() != "gpu" or q.dtype == jnp.float32:
-        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU and dtype bfloat16 or float16; this run has "
-                         f"backend {jax.default_backend()!r} and dtype {q.dtype}. Use attention='xla' instead.")
-    k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # (B, S, K, H), the kernel's layout
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+# Attention (the score/softmax kernels live in `llama_jax/attention.py`, one per implementation)
 
 
 class Attention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, cache: dict | None, end: Array | None):
+    def __call__(self, x: Array, positions: Array, mask: Mask, cache: dict | None, end: Array | None):
         cfg = self.cfg
         d, n, kv, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dtype = jnp.dtype(cfg.dtype)
@@ -145,16 +120,15 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
 
         freqs = rope_frequencies(cfg)
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype)), positions, freqs)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype)), positions, freqs).swapaxes(1, 2)
-        v = jnp.einsum("BTD,DKH->BKTH", x, wv.astype(dtype))  # keys and values head-major: (B, K, T, H)
+        q = apply_rope(linear("BTD,DNH->BTNH", x, wq), positions, freqs)
+        k = apply_rope(linear("BTD,DKH->BTKH", x, wk), positions, freqs).swapaxes(1, 2)
+        v = linear("BTD,DKH->BKTH", x, wv)  # keys and values head-major: (B, K, T, H)
         if cache is not None:  # write this step's keys/values at slots [end, end + T), attend to all S
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, end, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, end, 0))
             cache = {"k": k, "v": v}
-        attend = cudnn_attention if cfg.attention == "cudnn" else dot_product_attention
-        out = attend(q, k.astype(dtype), v.astype(dtype), mask)  # (B, T, N, H)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), cache
+        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention)  # (B, T, N, H)
+        return linear("BTNH,NHD->BTD", out, wo), cache
 
 
 class FeedForward(nn.Module):
@@ -165,13 +139,12 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
         w1 = _param(self, "w1", (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), 0.02)
         w3 = _param(self, "w3", (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), 0.02)
         w2 = _param(self, "w2", (cfg.ffn_hidden, cfg.dim), ("mlp", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
-        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1.astype(dtype)))
-        up = jnp.einsum("BTD,DF->BTF", x, w3.astype(dtype))
-        return jnp.einsum("BTF,FD->BTD", gate * up, w2.astype(dtype))
+        gate = jax.nn.silu(linear("BTD,DF->BTF", x, w1))
+        up = linear("BTD,DF->BTF", x, w3)
+        return linear("BTF,FD->BTD", gate * up, w2)
 
 
 class Block(nn.Module):
@@ -180,7 +153,7 @@ class Block(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, cache: dict | None, end: Array | None):
+    def __call__(self, x: Array, positions: Array, mask: Mask, cache: dict | None, end: Array | None):
         h, cache = Attention(self.cfg, name="attention")(
             RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, cache, end
         )
@@ -230,11 +203,11 @@ class Llama(nn.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         if cache is None:
             end = None
-            mask = attention_mask(jnp.arange(t), segment_ids, segment_ids)  # (B, T, T)
+            mask = attention_mask(jnp.arange(t), segment_ids, segment_ids)  # keys = queries: S = T
         else:
             end = cache["end"]
             cache_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, end))
-            mask = attention_mask(end + jnp.arange(t), segment_ids, cache_segments)  # (B, T, S)
+            mask = attention_mask(end + jnp.arange(t), segment_ids, cache_segments)  # keys = the cache's S slots
 
         embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -272,7 +245,7 @@ class Llama(nn.Module):
             out = embed.attend(x)  # Llama 3.2 reuses the embedding matrix as the output head
         else:
             w = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), 0.02)
-            out = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype))
+            out = linear("BTD,DV->BTV", x, w)
         if cache is None:
             return out
         return out, {"layers": layer_caches, "segment_ids": cache_segments, "end": end + t}
