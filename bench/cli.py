@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-HELP = "benchmarks: train step vs PyTorch, decoding, data pipeline, conversion, scaling fits"
+HELP = "benchmarks: train step vs PyTorch, model parts (ops), decoding, data pipeline, conversion, scaling fits"
 EXAMPLE = "llama-jax bench train --peer torch --json"
 
 # name -> module. A module defines HELP, EXAMPLE, add_arguments(parser) and main(args), or (marked
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "generate": ("bench.generate", "args"),
     "convert": ("bench.bench_convert", "args"),
     "data": ("bench.bench_data", "args"),
+    "ops": ("bench.ops", "args"),
     "scaling-fit": ("bench.bench_scaling_fit", "argv"),
 }
 

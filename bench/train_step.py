@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--attention", default=None, help="attention implementation (default: the config's default)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk, as in a run config")
     p.add_argument("--scan", action="store_true", help="scan over layers")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each per round)")
     add_output_arguments(p)
@@ -36,41 +37,42 @@ def model_config(a):
     from llama_jax import LlamaConfig
 
     return LlamaConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
-                       ffn_hidden=a.ffn, max_seq_len=a.seq, dtype=a.dtype, remat=a.remat, attention=a.attention,
-                       scan_layers=a.scan)
+                       ffn_hidden=a.ffn, max_seq_len=a.seq, dtype=a.dtype, remat=a.remat, scan_layers=a.scan,
+                       **({"attention": a.attention} if a.attention else {}))
 
 
-def ours(cfg, tokens: np.ndarray):
-    """A zero-argument callable running one of our train steps (and blocking until it's done)."""
+def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
+    """A zero-argument callable running one of our train steps (and blocking until it's done).
+
+    The step is the trainer's own: `train.loop.setup` builds it from a run config (mesh over this
+    machine's devices, shardings, `train.loss_chunk`, donated state), as `llama-jax train` does, so the
+    benchmark times the compiled function a training run executes."""
     import jax
-    import jax.numpy as jnp
 
-    from train.config import OptimConfig
-    from train.optim import learning_rate_schedule, make_optimizer
-    from train.step import init_state, make_train_step
+    from train.config import DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
+    from train.loop import fresh_state, setup
 
-    ocfg = OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000)
-    tx = make_optimizer(ocfg)
-    import flax.linen as nn
-
-    state = nn.meta.unbox(init_state(cfg, tx, jax.random.key(0)))
     b, t1 = tokens.shape
     t = t1 - 1
+    run = RunConfig(model=cfg, run_dir="", data=DataConfig(seq_len=t, synthetic=True),
+                    train=TrainConfig(global_batch_size=b, loss_chunk=loss_chunk),
+                    optim=OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000), mesh=MeshConfig())
+    s = setup(run)
     batch = {
-        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-        "segment_ids": jnp.ones((b, t), jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-        "loss_mask": jnp.ones((b, t), jnp.float32),
+        "inputs": tokens[:, :-1].astype(np.int32),
+        "targets": tokens[:, 1:].astype(np.int32),
+        "segment_ids": np.ones((b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+        "loss_mask": np.ones((b, t), np.float32),
     }
-    step = jax.jit(make_train_step(cfg, tx, learning_rate_schedule(ocfg)), donate_argnums=0)
-    holder = {"state": state}
+    batch = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in batch.items()}
+    holder = {"state": fresh_state(s)}
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
+    def run_step():
+        holder["state"], metrics = s.train_step(holder["state"], batch)
         return float(metrics["loss"])
 
-    return run
+    return run_step
 
 
 def peer(cfg, tokens: np.ndarray):
@@ -105,11 +107,12 @@ def timed(fn) -> float:
 
 def main(a) -> int:
     from bench.report import emit
+    from train.metrics import peak_source
     from train.scaling.flops import device_peak_flops, mfu_flops_per_token
 
     cfg = model_config(a)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
-    runners = {"ours": ours(cfg, tokens)}
+    runners = {"ours": ours(cfg, tokens, a.loss_chunk)}
     if a.peer == "torch":
         runners["peer"] = peer(cfg, tokens)
     compile_s = timed(runners["ours"])  # first call compiles
@@ -138,13 +141,16 @@ def main(a) -> int:
         "mfu": round(mfu, 4),
         "mfu_causal": round(mfu_causal, 4),
         "peak_flops": peak,
+        "peak_source": peak_source(),
+        "loss_chunk": a.loss_chunk,
         "rounds": a.rounds,
         "jax": jax.__version__,
     }
     rows = [("config", f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.ffn_hidden}, "
                        f"vocab {cfg.vocab_size}, seq {a.seq}, batch {a.batch}, {cfg.dtype}"),
             ("ours: tokens/s", f"{tps['ours']:.1f}  (step {med['ours']:.3f} s, compile {compile_s:.1f} s)"),
-            ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s")]
+            ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s"),
+            ("peak", peak_source())]
     if "peer" in runners:
         record |= {"peer": f"{peer_name()} AdamW",
                    "peer_tokens_per_s": round(tps["peer"], 1), "peer_step_s": round(med["peer"], 4),

@@ -51,3 +51,20 @@ def test_bench_data_measures_what_it_says_on_a_small_corpus(shared_data, tmp_pat
     assert abs(r["per_core_efficiency"] / ratio - 1) < 1e-9 and 0.5 < ratio < 1.5
     ceiling = _library_ceiling(tok_path, corpus, [1, 2])
     assert ceiling[1] == 1.0 and 0.5 < ceiling[2] < 2.5
+
+
+def test_bench_ops_times_each_part_and_agrees_with_transformers(capsys):
+    """Every part runs forward and forward + backward on both sides, and our forward outputs equal
+    transformers' modules' (RMSNorm, RoPE in its rotate-half layout, SDPA, LlamaMLP, lm_head + CE)."""
+    assert main(["bench", "ops", "--seq", "32", "--batch", "2", "--kv-heads", "2", "--loss-chunk", "16", *TINY]) == 0
+    rec = last_json_line(capsys)
+    parts = {p["part"]: p for p in rec["parts"]}
+    assert {"RMSNorm", "RoPE (q and k)", "attention (xla)", "SwiGLU feed-forward", "output head + cross-entropy",
+            "AdamW update (clip + moments + decay)", "whole model: loss"} <= set(parts)
+    for p in parts.values():
+        assert p["ours_fwd_ms"] > 0 and p["torch_fwd_ms"] > 0
+        if "optimizer" not in p["part"] and "AdamW" not in p["part"]:
+            assert p["ours_fb_ms"] > 0 and p["torch_fb_ms"] > 0
+        if "max_abs_diff" in p:
+            assert p["max_abs_diff"] < 1e-4, p
+    assert sum("max_abs_diff" in p for p in parts.values()) >= 6

@@ -461,3 +461,42 @@ def test_cli_run_and_collect_on_a_missing_plan(tmp_path, capsys):
     assert cli_main(["scaling", "run", str(tmp_path)]) == 2
     assert "no plan.json" in capsys.readouterr().err
     assert cli_main(["scaling", "collect", str(tmp_path)]) == 2
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path):
+    """The first call measures and writes the CPU model, core count, date and value; later calls read it
+    (no timing is asserted: the measurement is a stand-in that counts its calls)."""
+    import datetime
+    import json
+
+    calls = []
+    measure = lambda: calls.append(1) or 1.5e11  # noqa: E731
+    cache = tmp_path / "llama-jax" / "cpu-peak.json"
+    first = flops.cpu_peak_flops(cache, measure)
+    assert first.flops == 1.5e11 and len(calls) == 1 and "measured now" in first.source and str(cache) in first.source
+    (key, entry), = json.loads(cache.read_text()).items()
+    assert key.startswith(flops.cpu_model()) and key.endswith("cores)")
+    assert entry == {"peak_flops": 1.5e11, "measured": datetime.date.today().isoformat()}
+    again = flops.cpu_peak_flops(cache, measure)
+    assert again.flops == 1.5e11 and len(calls) == 1
+    assert f"on {entry['measured']}, cached in {cache}" in again.source
+
+    # another machine's entry is kept beside ours; a damaged file is measured over and rewritten
+    cache.write_text(json.dumps({"Other CPU (64 cores)": {"peak_flops": 9e12, "measured": "2025-01-01"}}))
+    assert flops.cpu_peak_flops(cache, measure).flops == 1.5e11 and len(calls) == 2
+    assert set(json.loads(cache.read_text())) == {"Other CPU (64 cores)", key}
+    cache.write_text("{not json")
+    assert flops.cpu_peak_flops(cache, measure).flops == 1.5e11 and len(calls) == 3
+    assert json.loads(cache.read_text())[key]["peak_flops"] == 1.5e11
+
+
+def test_cpu_peak_without_a_writable_cache_is_still_measured(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    peak = flops.cpu_peak_flops(blocker / "llama-jax" / "cpu-peak.json", lambda: 2e11)
+    assert peak.flops == 2e11 and "not cached" in peak.source
+
+
+def test_cpu_peak_cache_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert flops.cpu_peak_cache() == tmp_path / "llama-jax" / "cpu-peak.json"

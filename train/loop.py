@@ -29,7 +29,7 @@ from train import data as data_lib
 from train import sharding as sh
 from llama_jax.config import LlamaConfig
 from train.config import RunConfig
-from train.metrics import MetricsLogger, Throughput, flops_per_token, total_peak_flops
+from train.metrics import MetricsLogger, Throughput, flops_per_token, peak_source, total_peak_flops
 from train.optim import learning_rate_schedule, make_optimizer
 from train.step import BATCH_KEYS, TrainState, init_state, make_eval_step, make_train_step
 
@@ -277,7 +277,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     fpt_causal = flops_per_token(cfg.model, cfg.data.seq_len, causal=True)
     peak = total_peak_flops(cfg.logging.peak_flops)
     say(f"model {n_params / 1e6:.2f}M parameters; {fpt / 1e6:.1f} MFLOPs/token; "
-        f"{cfg.tokens_per_step} tokens/step; peak {peak / 1e12:.2f} TFLOP/s")
+        f"{cfg.tokens_per_step} tokens/step; peak {peak / 1e12:.2f} TFLOP/s "
+        f"({peak_source(cfg.logging.peak_flops)})")
 
     metrics = MetricsLogger(run_dir, total_steps=t.steps, start_step=start, enabled=primary,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)

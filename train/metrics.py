@@ -8,8 +8,8 @@ Only process 0 writes. On resume, lines past the restored step are dropped so th
 
 MFU = tokens/s · FLOPs/token / (peak FLOP/s of all devices), FLOPs/token from `train.scaling.flops`
 (6·N_matmul + 12·L·H·Q·T, PaLM's convention; `mfu_causal` counts half the attention term). Peaks come
-from the device table there; on CPU the peak is measured (an fp32 matmul) once per host, and all the
-(virtual) CPU devices of a process share that one host.
+from the device table there; on CPU the peak is measured (an fp32 matmul) once per machine and cached with the date
+(`train.scaling.flops.cpu_peak_flops`), and all the (virtual) CPU devices of a process share that one host.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ def total_peak_flops(override_per_device: float | None = None) -> float:
         per_host = override_per_device or device_peak_flops(jax.local_devices()[0])
         return per_host * jax.process_count()
     return (override_per_device or device_peak_flops(dev)) * jax.device_count()
+
+
+def peak_source(override_per_device: float | None = None) -> str:
+    """Where the MFU's peak comes from, for the log: the config, the device table, or the CPU's cached
+    (or fresh) matmul measurement."""
+    import jax
+
+    from train.scaling.flops import cpu_peak_flops
+
+    if override_per_device:
+        return "logging.peak_flops"
+    dev = jax.devices()[0]
+    return cpu_peak_flops().source if dev.platform == "cpu" else f"data sheet of {dev.device_kind}"
 
 
 def truncate_after(path: Path, step: int) -> None:

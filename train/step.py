@@ -63,7 +63,9 @@ def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Arr
 
     @jax.checkpoint
     def one_chunk(h, y, w):
-        logits = jnp.einsum("BCD,DV->BCV", h, kernel, preferred_element_type=jnp.float32)
+        # (B·C, D) @ (D, V): one 2-D matmul, whose weight gradient XLA:CPU runs without transposed copies
+        # of the logits' gradient (as `llama_jax.model.linear` does for the model's matmuls).
+        logits = jnp.dot(h.reshape(-1, d), kernel, preferred_element_type=jnp.float32).reshape(*h.shape[:2], -1)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         lse = jax.nn.logsumexp(logits, axis=-1)  # (B, C)
         # The target logit via a masked sum rather than a gather: partitions cleanly when V is split.

@@ -20,10 +20,14 @@ Architecture arguments are any object or mapping with the `LlamaConfig` field na
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llama_jax.config import meta_ffn_hidden  # the one definition of Meta's FFN sizing rule
@@ -241,14 +245,70 @@ def measure_cpu_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
+def cpu_model() -> str:
+    """The host CPU's model name ('/proc/cpuinfo'), or what `platform` knows where that is absent."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak_cache() -> Path:
+    """Where measured CPU peaks are kept: $XDG_CACHE_HOME/llama-jax/cpu-peak.json (~/.cache by default)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "llama-jax" / "cpu-peak.json"
+
+
+@dataclass(frozen=True)
+class CpuPeak:
+    flops: float
+    source: str  # how it was obtained, for the logs: measured now, or when and where it was cached
+
+
+def cpu_peak_flops(cache: Path | None = None, measure: Any = None) -> CpuPeak:
+    """The fp32 matmul peak of this CPU, measured once per machine (CPU model and core count) and cached
+    with the date: re-measured at every start, it read 0.07 to 0.46 TFLOP/s on a shared machine, and
+    the MFU of the same run with it. A cache that cannot be read or written only costs a measurement."""
+    cache = cache or cpu_peak_cache()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    key = f"{cpu_model()} ({cores} cores)"
+    try:
+        entries = json.loads(cache.read_text())
+        if not isinstance(entries, dict):
+            entries = {}
+    except (OSError, ValueError):
+        entries = {}
+    hit = entries.get(key)
+    if isinstance(hit, dict) and isinstance(hit.get("peak_flops"), (int, float)) and hit["peak_flops"] > 0:
+        return CpuPeak(float(hit["peak_flops"]), f"fp32 matmul measured on {key} on {hit.get('measured', '?')}, "
+                                                 f"cached in {cache}")
+    flops = (measure or measure_cpu_peak_flops)()
+    entries[key] = {"peak_flops": flops, "measured": datetime.date.today().isoformat()}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1) + "\n")
+        os.replace(tmp, cache)
+        where = f"cached in {cache}"
+    except OSError as e:
+        where = f"not cached ({e.strerror or e})"
+    return CpuPeak(flops, f"fp32 matmul measured now on {key}, {where}")
+
+
 def device_peak_flops(device: Any = None) -> float:
-    """Peak FLOP/s of one device: the table for known accelerators, a measurement for a CPU."""
+    """Peak FLOP/s of one device: the table for known accelerators, a (cached) measurement for a CPU."""
     if device is None:
         import jax
 
         device = jax.devices()[0]
     if getattr(device, "platform", "") == "cpu":
-        return measure_cpu_peak_flops()
+        return cpu_peak_flops().flops
     peak = peak_flops_for(getattr(device, "device_kind", str(device)))
     if peak is None:
         raise ValueError(
