@@ -46,7 +46,8 @@ def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
 
     The step is the trainer's own: `train.loop.setup` builds it from a run config (mesh over this
     machine's devices, shardings, `train.loss_chunk`, donated state), as `llama-jax train` does, so the
-    benchmark times the compiled function a training run executes."""
+    benchmark times the compiled function a training run executes (on one device: the mesh of a
+    single-CPU or single-accelerator run)."""
     import jax
 
     from train.config import DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
@@ -57,7 +58,7 @@ def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
     run = RunConfig(model=cfg, run_dir="", data=DataConfig(seq_len=t, synthetic=True),
                     train=TrainConfig(global_batch_size=b, loss_chunk=loss_chunk),
                     optim=OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000), mesh=MeshConfig())
-    s = setup(run)
+    s = setup(run, devices=jax.devices()[:1])  # one device, as the MFU below counts
     batch = {
         "inputs": tokens[:, :-1].astype(np.int32),
         "targets": tokens[:, 1:].astype(np.int32),

@@ -73,7 +73,7 @@ class LlamaConfig:
     scan_layers: bool = False  # one compiled block via nn.scan; parameters get a leading `layers` axis
     remat: str = "none"  # "none" | "full" | "save_dots"
     attention: str = "auto"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs)
-    # | "blockwise" (causal blocks, CPU) | "auto" (llama_jax.attention.resolve picks per backend)
+    # | "blockwise" (causal blocks, CPU) | "auto" (the default: llama_jax.attention.resolve picks per backend)
     # What is derived is kept so that dataclasses.replace() can tell an explicit size from a derived one.
     _ffn_from_rule: bool = field(default=False, repr=False, compare=False)
 
