@@ -1,0 +1,251 @@
+"""Llama 4, Mistral and Mixtral: presets with the exact counts, logits against transformers'
+Llama4ForCausalLM / MistralForCausalLM / MixtralForCausalLM (implementations nobody here wrote), the
+MoE dispatch against a dense reference, and KV-cache decoding against the full forward."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import Llama, LlamaConfig, active_params, count_params
+from llama_jax.config import MOE_FAMILY_PARAM_COUNTS, PRESETS, ConfigError
+from llama_jax import moe
+
+MOE_PRESETS = sorted(MOE_FAMILY_PARAM_COUNTS)
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_preset_counts_total_and_active(name):
+    total, active = MOE_FAMILY_PARAM_COUNTS[name]
+    cfg = PRESETS[name]
+    assert count_params(cfg) == total
+    assert active_params(cfg) == active
+
+
+def hf_config(cfg: LlamaConfig, attn_implementation="eager"):
+    """The transformers config of the same architecture (Llama 4 text, Mixtral or Mistral)."""
+    import transformers
+
+    from llama_jax.convert.hf import hf_config as llama_hf_config
+    rope = llama_hf_config(cfg)["rope_parameters"]  # the dense LLaMA's RoPE settings, spelled for transformers 5
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                  rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
+                  tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+                  attn_implementation=attn_implementation)
+    if cfg.moe_router == "sigmoid":
+        return transformers.Llama4TextConfig(
+            **common, intermediate_size=cfg.expert_hidden, intermediate_size_mlp=cfg.ffn_hidden,
+            num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+            interleave_moe_layer_step=cfg.moe_interleave, use_qk_norm=cfg.qk_norm,
+            no_rope_layer_interval=cfg.nope_interval, attention_chunk_size=cfg.attention_chunk_size,
+            attn_temperature_tuning=cfg.attn_temperature_tuning, floor_scale=cfg.attn_floor_scale,
+            attn_scale=cfg.attn_scale)
+    if cfg.n_experts:
+        return transformers.MixtralConfig(**common, intermediate_size=cfg.ffn_hidden, num_local_experts=cfg.n_experts,
+                                          num_experts_per_tok=cfg.experts_per_token, sliding_window=cfg.sliding_window)
+    return transformers.MistralConfig(**common, intermediate_size=cfg.ffn_hidden, sliding_window=cfg.sliding_window)
+
+
+@pytest.mark.parametrize("name", MOE_PRESETS)
+def test_preset_counts_match_transformers_on_the_meta_device(name):
+    import torch
+    import transformers
+    cfg = PRESETS[name]
+    cls = (transformers.Llama4ForCausalLM if cfg.moe_router == "sigmoid" and cfg.n_experts else
+           transformers.MixtralForCausalLM if cfg.n_experts else transformers.MistralForCausalLM)
+    with torch.device("meta"):
+        model = cls(hf_config(cfg))
+    assert sum(p.numel() for p in model.parameters()) == MOE_FAMILY_PARAM_COUNTS[name][0]
+
+
+def test_known_architecture_facts():
+    scout, maverick = PRESETS["llama4-scout-17b-16e"], PRESETS["llama4-maverick-17b-128e"]
+    assert [scout.is_moe_layer(i) for i in range(4)] == [True] * 4
+    assert [maverick.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
+    assert [scout.uses_rope(i) for i in range(8)] == [True, True, True, False] * 2
+    assert scout.qk_norm and not maverick.qk_norm
+    assert scout.rope_scaling.low_freq_factor == scout.rope_scaling.high_freq_factor == 1.0
+    assert PRESETS["mistral-7b"].sliding_window == 4096 and PRESETS["mistral-7b-v0.3"].sliding_window is None
+    assert PRESETS["mixtral-8x7b"].experts_per_token == 2 and PRESETS["mixtral-8x7b"].moe_router == "softmax"
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(n_experts=4, experts_per_token=5), "must not exceed n_experts"),
+    (dict(n_experts=-1), "non-negative"),
+    (dict(n_experts=4, moe_router="relu"), "moe_router"),
+    (dict(moe_shared_expert=True), "need n_experts"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(sliding_window=8, attention_chunk_size=8), "exclusive"),
+    (dict(nope_interval=4, scan_layers=True), "scan_layers"),
+    (dict(n_experts=4, moe_interleave=2, scan_layers=True), "scan_layers"),
+    (dict(attn_floor_scale=0), "attn_floor_scale"),
+    (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}), "high_freq_factor"),
+])
+def test_invalid_moe_and_attention_options_fail_at_construction(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        LlamaConfig(dim=64, n_layers=4, n_heads=4, **kwargs)
+
+
+def test_dense_parameter_tree_is_unchanged_by_the_new_defaults():
+    p = nn.meta.unbox(jax.eval_shape(lambda: Llama(PRESETS["tiny"]).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    assert set(p["params"]["layers_0"]["feed_forward"]) == {"w1", "w2", "w3"}
+    assert LlamaConfig.from_dict(PRESETS["llama4-scout-17b-16e"].to_dict()) == PRESETS["llama4-scout-17b-16e"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def test_grouped_dispatch_equals_a_dense_loop_over_experts():
+    """ragged_dot over token-sorted groups = every expert on every token, weighted by its (0 if unchosen) score."""
+    rng = np.random.default_rng(0)
+    m, d, f, e = 37, 16, 24, 5
+    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(e, d, f)) * 0.2, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(e, f, d)) * 0.2, jnp.float32)
+    logits = jnp.asarray(rng.normal(size=(m, e)), jnp.float32)
+    for kind, k in (("softmax", 2), ("sigmoid", 1), ("softmax", 1), ("sigmoid", 3)):
+        idx, scores = moe.route(logits, k, kind)
+        dense_w = np.zeros((m, e), np.float32)
+        np.put_along_axis(dense_w, np.asarray(idx), np.asarray(scores), axis=1)
+        want = 0
+        for j in range(e):
+            xin = x * dense_w[:, j:j + 1] if kind == "sigmoid" else x
+            y = (jax.nn.silu(xin @ w1[j]) * (xin @ w3[j])) @ w2[j]
+            want = want + (y if kind == "sigmoid" else y * dense_w[:, j:j + 1])
+        got = moe.grouped_swiglu(x, idx, scores, w1, w3, w2, scale_inputs=kind == "sigmoid")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+        if kind == "softmax":
+            np.testing.assert_allclose(np.asarray(scores).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_router_stats_balanced_and_collapsed():
+    e, m = 4, 64
+    uniform = jnp.zeros((m, e))
+    idx = jnp.arange(m)[:, None] % e
+    s = moe.router_stats(uniform, idx)
+    np.testing.assert_allclose(float(s["aux_loss"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s["load"]), 0.25)
+    np.testing.assert_allclose(float(s["z_loss"]), np.log(4.0) ** 2, rtol=1e-6)
+    collapsed = jnp.zeros((m, e)).at[:, 0].set(10.0)
+    s = moe.router_stats(collapsed, jnp.zeros((m, 1), jnp.int32))
+    assert float(s["aux_loss"]) > 3.9 and float(s["load"][0]) == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with transformers (fp32, CPU)
+
+BASE = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64, norm_eps=1e-5)
+LLAMA4 = LlamaConfig(**BASE, rope_theta=500_000.0, ffn_hidden=48, moe_hidden=32, n_experts=4, experts_per_token=1,
+                     moe_router="sigmoid", moe_shared_expert=True, attention_chunk_size=8, nope_interval=4,
+                     qk_norm=True, attn_temperature_tuning=True, attn_floor_scale=4, attn_scale=0.1)
+CASES = {
+    "llama4-scout-like": LLAMA4.replace(rope_scaling={"factor": 16.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 1.0, "original_max_seq_len": 8}),
+    "llama4-maverick-like": LLAMA4.replace(moe_interleave=2, qk_norm=False),
+    "llama4-top2-no-tuning": LLAMA4.replace(experts_per_token=2, attn_temperature_tuning=False),
+    "mixtral-top2": LlamaConfig(**BASE, ffn_hidden=48, n_experts=4, experts_per_token=2, rope_theta=1e6),
+    "mixtral-top1-window": LlamaConfig(**BASE, ffn_hidden=48, n_experts=3, experts_per_token=1, sliding_window=6),
+    "mistral-window": LlamaConfig(**BASE, ffn_hidden=96, sliding_window=6),
+}
+
+
+def hf_model(cfg: LlamaConfig, seed: int = 0, attn_implementation="eager"):
+    import torch
+    import transformers
+    cls = (transformers.Llama4ForCausalLM if cfg.moe_router == "sigmoid" and cfg.n_experts else
+           transformers.MixtralForCausalLM if cfg.n_experts else transformers.MistralForCausalLM)
+    torch.manual_seed(seed)
+    model = cls(hf_config(cfg, attn_implementation)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # non-trivial norm scales, so a swapped norm cannot hide
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "router" in name or name.endswith("mlp.gate.weight"):  # decisive routing, no near-ties
+                p.copy_(torch.randn_like(p))
+            elif "experts" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def params_from_hf(cfg: LlamaConfig, model) -> dict:
+    """A test-only weight copy from transformers' in-memory layout (independent of llama_jax.convert)."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    d, h = cfg.dim, cfg.head_dim
+    llama4 = cfg.moe_router == "sigmoid" and cfg.n_experts > 0
+
+    def qk(w, heads):  # Mistral/Mixtral rows are rotate-half ordered, Llama 4's already interleaved pairs
+        if not llama4:
+            w = w.reshape(heads, 2, h // 2, d).transpose(0, 2, 1, 3)
+        return w.reshape(heads * h, d).T.reshape(d, heads, h)
+
+    def swiglu(pre):
+        return {"w1": sd[pre + "gate_proj.weight"].T, "w3": sd[pre + "up_proj.weight"].T,
+                "w2": sd[pre + "down_proj.weight"].T}
+
+    p = {"tok_embeddings": {"embedding": sd["model.embed_tokens.weight"]}, "norm": {"scale": sd["model.norm.weight"]},
+         "output": sd["lm_head.weight"].T}
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        att = {"wq": qk(sd[pre + "self_attn.q_proj.weight"], cfg.n_heads),
+               "wk": qk(sd[pre + "self_attn.k_proj.weight"], cfg.n_kv_heads),
+               "wv": sd[pre + "self_attn.v_proj.weight"].T.reshape(d, cfg.n_kv_heads, h),
+               "wo": sd[pre + "self_attn.o_proj.weight"].T.reshape(cfg.n_heads, h, d)}
+        f = cfg.expert_hidden
+        if llama4 and cfg.is_moe_layer(i):
+            gu = sd[pre + "feed_forward.experts.gate_up_proj"]  # (E, D, 2F), gate then up
+            ff = {"router": sd[pre + "feed_forward.router.weight"].T, "w1": gu[..., :f], "w3": gu[..., f:],
+                  "w2": sd[pre + "feed_forward.experts.down_proj"],
+                  "shared_expert": swiglu(pre + "feed_forward.shared_expert.")}
+        elif llama4:
+            ff = swiglu(pre + "feed_forward.")
+        elif cfg.n_experts:
+            gu = sd[pre + "mlp.experts.gate_up_proj"]  # (E, 2F, D) as nn.Linear weights
+            ff = {"router": sd[pre + "mlp.gate.weight"].T, "w1": gu[:, :f].transpose(0, 2, 1),
+                  "w3": gu[:, f:].transpose(0, 2, 1), "w2": sd[pre + "mlp.experts.down_proj"].transpose(0, 2, 1)}
+        else:
+            ff = swiglu(pre + "mlp.")
+        p[f"layers_{i}"] = {"attention": att, "feed_forward": ff,
+                            "attention_norm": {"scale": sd[pre + "input_layernorm.weight"]},
+                            "ffn_norm": {"scale": sd[pre + "post_attention_layernorm.weight"]}}
+    return jax.tree.map(jnp.asarray, p)
+
+
+def check_tree_matches_module(cfg, params):
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    assert jax.tree.structure(shapes["params"]) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(shapes["params"]), jax.tree.leaves(params)):
+        assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case):
+    import torch
+    cfg = CASES[case]
+    model = hf_model(cfg)
+    params = params_from_hf(cfg, model)
+    check_tree_matches_module(cfg, params)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 21))  # > 2 chunks / 3 windows
+    with torch.no_grad():
+        want = model(torch.tensor(tokens)).logits.numpy()
+    got = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # the option under test changes the function: with it switched off the logits differ
+    plain = cfg.replace(attention_chunk_size=None, sliding_window=None, attn_temperature_tuning=False)
+    if plain != cfg:
+        assert np.abs(np.asarray(Llama(plain).apply({"params": params}, jnp.asarray(tokens))) - want).max() > 1e-3
+
+
+def test_mixtral_scan_layers_equals_unrolled():
+    from llama_jax.model import stack_layers
+    cfg = CASES["mixtral-top2"]
+    params = params_from_hf(cfg, hf_model(cfg))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)))
+    want = Llama(cfg).apply({"params": params}, tokens)
+    got = Llama(cfg.replace(scan_layers=True)).apply({"params": stack_layers(params)}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
