@@ -108,10 +108,12 @@ def qk_norm(x: Array, eps: float) -> Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def attention_temperature(cfg: LlamaConfig, slots: Array) -> Array:
-    """Llama 4's query scale on NoPE layers, log(floor((slot + 1) / floor_scale) + 1) · attn_scale + 1:
-    exactly 1 below slot floor_scale - 1, growing slowly beyond (Nakanishi 2025, arXiv:2501.19399)."""
-    return jnp.log1p(jnp.floor((slots.astype(jnp.float32) + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
+def attention_temperature(cfg: LlamaConfig, positions: Array) -> Array:
+    """Llama 4's query scale on NoPE layers, log(floor((pos + 1) / floor_scale) + 1) · attn_scale + 1:
+    exactly 1 below position floor_scale - 1, growing slowly beyond (Nakanishi 2025, arXiv:2501.19399).
+    Counted in rotary positions, which equal transformers' and Meta's cache positions for an unpadded
+    sequence (a left-padded or packed one starts each sequence at 0)."""
+    return jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,9 +148,9 @@ class Attention(nn.Module):
             if cfg.qk_norm:
                 q, k = qk_norm(q, cfg.norm_eps), qk_norm(k, cfg.norm_eps)
             if cfg.attention_chunk_size is not None:
-                mask = mask.replace(chunk=cfg.attention_chunk_size)
+                mask = mask.replace(chunk=cfg.attention_chunk_size, q_positions=positions)
         elif cfg.attn_temperature_tuning:
-            q = (q * attention_temperature(cfg, mask.q_slots)[None, :, None, None]).astype(q.dtype)
+            q = (q * attention_temperature(cfg, positions)[:, :, None, None]).astype(q.dtype)
         if cfg.sliding_window is not None:
             mask = mask.replace(window=cfg.sliding_window)
         k = k.swapaxes(1, 2)

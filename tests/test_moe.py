@@ -249,3 +249,180 @@ def test_mixtral_scan_layers_equals_unrolled():
     want = Llama(cfg).apply({"params": params}, tokens)
     got = Llama(cfg.replace(scan_layers=True)).apply({"params": stack_layers(params)}, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV-cache decoding: chunked and windowed layers equal the full forward at every position
+
+
+def random_params(cfg, seed=0):
+    """Our own initialisation, with routers scaled up so routing is decisive (no near-ties that float
+    rounding between a batched and an unbatched run could flip)."""
+    p = nn.meta.unbox(Llama(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 100 if any(getattr(k, "key", None) == "router" for k in path) else x, p)
+
+
+@pytest.mark.parametrize("case", ["llama4-scout-like", "llama4-maverick-like", "mixtral-top1-window", "mistral-window"])
+def test_cached_decode_equals_full_forward_past_chunks_and_windows(case):
+    """Left-padded prompts, then teacher-forced single-token steps, past several chunk/window boundaries
+    (chunk 8 / window 6, up to 25 positions): every step's logits equal the uncached forward of the row alone.
+    Chunks are counted from each row's first real token, as transformers does (its `chunked_overlay`
+    subtracts the left padding); Meta's reference builds no chunk mask for single-token steps, so its
+    decode sees the whole cache on chunked layers — we follow the full forward instead."""
+    from llama_jax.generate import decode_step, pad_prompts, prefill
+    cfg = CASES[case].replace(attn_floor_scale=4)
+    params = random_params(cfg)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9)]
+    steps = 16
+    cont = rng.integers(0, cfg.vocab_size, (2, steps))
+    tokens, lengths = pad_prompts(prompts, 11)
+    logits, cache = prefill(cfg, params, tokens, lengths, 32)
+    cached = [np.asarray(logits)]
+    for i in range(steps):
+        logits, cache = decode_step(cfg, params, jnp.asarray(cont[:, i], jnp.int32), jnp.asarray(lengths) + i, cache)
+        cached.append(np.asarray(logits))
+    cached = np.stack(cached, axis=1)
+    for row, prompt in enumerate(prompts):
+        seq = jnp.asarray([prompt + cont[row].tolist()])
+        full = np.asarray(Llama(cfg).apply({"params": params}, seq))[0]
+        assert full.shape[0] > 2 * (cfg.attention_chunk_size or cfg.sliding_window)
+        np.testing.assert_allclose(cached[row], full[len(prompt) - 1:], atol=1e-4, rtol=0, err_msg=f"row {row}")
+
+
+def test_greedy_generate_matches_transformers_past_a_chunk():
+    """Greedy generation of a Llama 4-like model (chunk 8, NoPE layer with temperature tuning) against
+    transformers' generate with its own cache, 20 tokens from a 5-token prompt."""
+    import torch
+    from llama_jax.generate import generate
+    cfg = CASES["llama4-scout-like"]
+    model = hf_model(cfg)
+    params = params_from_hf(cfg, model)
+    prompt = [5, 17, 99, 3, 42]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    got = generate(cfg, params, [prompt], max_new_tokens=20)
+    assert got[0] == want[0, len(prompt):].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conversion (Hugging Face, both ways)
+
+
+def trees_equal_bitwise(a, b):
+    la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_export_loads_in_transformers_and_round_trips_bit_exact(tmp_path, case):
+    """Ours → HF (2 shards) → transformers' from_pretrained: same logits; → our load: bit-exact; and
+    transformers' own save_pretrained of that model loads back bit-exact too (for Mixtral it writes the
+    Hub's per-expert layout, for Llama 4 the fused gate_up_proj)."""
+    import torch
+    import transformers
+    from llama_jax.convert import load, save
+    cfg = CASES[case]
+    params = random_params(cfg)
+    save(cfg, params, tmp_path / "ours", format="hf", num_shards=2)
+    cfg2, back = load(tmp_path / "ours")
+    assert cfg2 == cfg
+    trees_equal_bitwise(params, back)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
+    assert type(model).__name__ == {"llama4": "Llama4ForCausalLM", "mixtral": "MixtralForCausalLM",
+                                    "mistral": "MistralForCausalLM"}[case.split("-")[0]]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 21))
+    with torch.no_grad():
+        want = model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(tokens))), want, atol=1e-4)
+    model.save_pretrained(tmp_path / "theirs")
+    cfg3, theirs = load(tmp_path / "theirs")
+    assert cfg3 == cfg
+    trees_equal_bitwise(params, theirs)
+    # bfloat16 on the way out and back: the cast is the only change
+    save(cfg, params, tmp_path / "bf16", format="hf", dtype="bfloat16")
+    _, b16 = load(tmp_path / "bf16")
+    trees_equal_bitwise(jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), params), b16)
+
+
+def test_multimodal_llama4_checkpoint_gives_its_text_model(tmp_path):
+    """Llama4ForConditionalGeneration (the Hub's Scout/Maverick layout): the text model under
+    `language_model.` is read, the vision tower and projector are skipped."""
+    import torch
+    import transformers
+    from llama_jax.convert import load
+    from llama_jax.convert.hf import HFSource
+    cfg = CASES["llama4-maverick-like"]
+    text = hf_config(cfg)
+    vision = transformers.Llama4VisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, image_size=28, patch_size=14,
+                                             vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForConditionalGeneration(
+        transformers.Llama4Config(text_config=text.to_dict(), vision_config=vision.to_dict())).eval()
+    model.save_pretrained(tmp_path / "mm")
+    src = HFSource(tmp_path / "mm")
+    assert src.skipped > 0  # vision tensors present and left out
+    cfg2, params = load(tmp_path / "mm")
+    assert cfg2 == cfg
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 19))
+    with torch.no_grad():
+        want = model.language_model(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(tokens))), want, atol=1e-4)
+
+
+def test_hub_config_quirks_and_refusals(tmp_path):
+    from llama_jax.convert import ConvertError, save
+    from llama_jax.convert.hf import config_from_hf, family_config
+    for name in MOE_PRESETS:  # every preset survives its config.json
+        hub = family_config(PRESETS[name])
+        if name == "mistral-7b-v0.3":  # we export a windowless Mistral as the LlamaForCausalLM it equals; the Hub's says mistral
+            assert hub["model_type"] == "llama"
+            hub = dict(hub, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=None)
+        assert config_from_hf(hub, "x") == PRESETS[name]
+    hub = family_config(PRESETS["llama4-scout-17b-16e"])
+    hub["attn_temperature_tuning"] = 4  # as in the published Scout config.json
+    assert config_from_hf(hub, "x").attn_temperature_tuning is True
+    bad = dict(hub, moe_layers=[0, 5])
+    with pytest.raises(ConvertError, match="moe_layers"):
+        config_from_hf(bad, "config.json")
+    with pytest.raises(ConvertError, match="'hf' or 'orbax'"):
+        save(CASES["mixtral-top2"], random_params(CASES["mixtral-top2"]), tmp_path / "m", format="meta")
+    assert not (tmp_path / "m").exists()
+
+
+def test_moe_conversion_streams_within_twice_the_largest_tensor(tmp_path, monkeypatch):
+    """HF → HF file to file for Mixtral (per-expert tensors) and Llama 4 (fused gate_up_proj): the bytes
+    of live arrays read from the source never exceed twice our largest parameter (the stacked experts)."""
+    import gc
+    import weakref
+    import llama_jax.convert as cv
+    from llama_jax.convert import convert, save
+    for case in ("mixtral-top2", "llama4-scout-like"):
+        cfg = CASES[case].replace(dim=128, moe_hidden=None if case.startswith("mixtral") else 64, n_heads=4)
+        params = random_params(cfg)
+        save(cfg, params, tmp_path / case, format="hf")
+        largest = max(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+        refs, peak = [], [0]
+        real = cv.open_source
+
+        def watched(path):
+            src = real(path)
+            read = src.read
+
+            def counting(key):
+                gc.collect()
+                x = read(key)
+                refs.append(weakref.ref(x))
+                peak[0] = max(peak[0], sum(r().nbytes for r in refs if r() is not None))
+                return x
+            src.read = counting
+            return src
+        monkeypatch.setattr(cv, "open_source", watched)
+        convert(tmp_path / case, tmp_path / (case + "-out"), "hf", num_shards=2)
+        monkeypatch.setattr(cv, "open_source", real)
+        assert 0 < peak[0] <= 2 * largest, (case, peak[0], largest)
