@@ -426,3 +426,16 @@ def test_moe_conversion_streams_within_twice_the_largest_tensor(tmp_path, monkey
         convert(tmp_path / case, tmp_path / (case + "-out"), "hf", num_shards=2)
         monkeypatch.setattr(cv, "open_source", real)
         assert 0 < peak[0] <= 2 * largest, (case, peak[0], largest)
+
+
+def test_flop_accounting_counts_active_parameters():
+    """The trainer's MFU numerator and the scaling toolkit's N (C = 6·N·D) use the active count."""
+    from train.scaling.flops import mfu_flops_per_token, param_counts
+    for name in MOE_PRESETS:
+        total, active = MOE_FAMILY_PARAM_COUNTS[name]
+        pc = param_counts(PRESETS[name])
+        assert (pc.total, pc.active) == (total, active)
+    mixtral = PRESETS["mixtral-8x7b"]
+    pc = param_counts(mixtral)
+    attn = 12 * 32 * 32 * 128 * 4096
+    assert mfu_flops_per_token(mixtral, 4096) == 6 * (active_params(mixtral) - pc.embedding) + attn
