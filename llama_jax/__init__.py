@@ -7,10 +7,10 @@ start without importing it.
 
 from llama_jax.config import PRESETS, ConfigError, LlamaConfig, RopeScaling, get_preset
 
-__all__ = ["PRESETS", "ConfigError", "Llama", "LlamaConfig", "RopeScaling", "count_params", "get_preset", "init_cache"]
+__all__ = ["PRESETS", "ConfigError", "Llama", "LlamaConfig", "RopeScaling", "active_params", "count_params", "get_preset", "init_cache"]
 __version__ = "0.1.0"
 
-_FROM_MODEL = ("Llama", "count_params", "init_cache")
+_FROM_MODEL = ("Llama", "active_params", "count_params", "init_cache")
 
 
 def __getattr__(name: str):

@@ -29,14 +29,17 @@ class Mask:
     - segments: only keys of its own segment (packed documents never see each other; segment 0 is
       padding, which sees only padding, so no row of the softmax is empty);
     - window (Mistral's sliding window): only keys with q_slot - s < window;
-    - chunk (Llama 4's chunked attention): only keys in the same `chunk`-slot chunk, s // chunk ==
-      q_slot // chunk."""
+    - chunk (Llama 4's chunked attention): only keys in the same `chunk`-position chunk of the query's
+      sequence. Positions are `q_positions` (B, T) where given (packed documents restart at 0, left-padded
+      rows start after their padding, as transformers counts them), else the slots; a key in the query's
+      segment has position s - q_slot + q_position, so no key positions are needed."""
 
     q_slots: Array  # (T,) int: the slot (causal position) of each query
     q_segments: Array  # (B, T) int
     k_segments: Array  # (B, S) int
     window: int | None = dataclasses.field(default=None, metadata={"static": True})
     chunk: int | None = dataclasses.field(default=None, metadata={"static": True})
+    q_positions: Array | None = None  # (B, T) int, for `chunk`
 
     def replace(self, **changes) -> Mask:
         return dataclasses.replace(self, **changes)
@@ -49,11 +52,12 @@ class Mask:
         if self.window is not None:
             visible &= q_slots - k_slots < self.window
         if self.chunk is not None:
-            visible &= k_slots // self.chunk == q_slots // self.chunk
+            q_pos = q_slots if self.q_positions is None else self.q_positions[:, :, None]  # (B|1, T, 1)
+            visible &= (k_slots - q_slots + q_pos) // self.chunk == q_pos // self.chunk
         return visible & (self.q_segments[:, :, None] == self.k_segments[:, None, :])
 
 
-jax.tree_util.register_dataclass(Mask, data_fields=["q_slots", "q_segments", "k_segments"],
+jax.tree_util.register_dataclass(Mask, data_fields=["q_slots", "q_segments", "k_segments", "q_positions"],
                                  meta_fields=["window", "chunk"])
 
 

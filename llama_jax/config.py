@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+MOE_ROUTERS = ("softmax", "sigmoid")
 ATTENTION_IMPLS = ("xla", "cudnn")
 ATTENTION_IMPLS += ("blockwise", "auto")  # auto: blockwise on CPU, cudnn on NVIDIA GPUs in bf16/fp16, else xla
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,10 +42,12 @@ class RopeScaling:
     def __post_init__(self):
         if self.factor <= 0 or self.low_freq_factor <= 0 or self.original_max_seq_len <= 0:
             raise ConfigError(f"rope_scaling needs positive factor, low_freq_factor and original_max_seq_len; got {self}.")
-        if self.high_freq_factor <= self.low_freq_factor:
+        # Equal factors (Llama 4 Scout: 1 and 1) leave no interpolation band: every wavelength is either
+        # kept or divided by `factor`, as Meta's `apply_scaling` computes it.
+        if self.high_freq_factor < self.low_freq_factor:
             raise ConfigError(
-                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
-                f"({self.low_freq_factor}): the interpolation band would be empty."
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be at least low_freq_factor "
+                f"({self.low_freq_factor})."
             )
 
 
@@ -67,6 +70,28 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    # Mixture of experts (Mixtral, Llama 4); n_experts = 0 is a dense model. Layer i has a MoE feed-forward
+    # iff (i + 1) % moe_interleave == 0 (Llama 4 Maverick: 2, layers 1, 3, ...); the other layers keep the
+    # dense SwiGLU of width ffn_hidden. Routed (and shared) experts have width moe_hidden (default ffn_hidden).
+    n_experts: int = 0
+    experts_per_token: int = 1
+    # "softmax": softmax over all experts, keep the top k, renormalise, weight the experts' outputs (Mixtral).
+    # "sigmoid": keep the top-k logits, sigmoid each, scale the experts' inputs (Llama 4).
+    moe_router: str = "softmax"
+    moe_shared_expert: bool = False  # a SwiGLU of width moe_hidden on every token of a MoE layer (Llama 4)
+    moe_interleave: int = 1
+    moe_hidden: int | None = None
+    router_aux_loss_coef: float = 0.0  # Switch/Mixtral load-balancing loss weight (training only)
+    router_z_loss_coef: float = 0.0  # ST-MoE router z-loss weight (training only)
+    # Attention options (Mistral, Llama 4)
+    sliding_window: int | None = None  # every layer: a query sees the `sliding_window` latest keys (Mistral v0.1)
+    attention_chunk_size: int | None = None  # RoPE layers: keys in the query's chunk only (Llama 4)
+    nope_interval: int | None = None  # layer i has no RoPE iff (i + 1) % nope_interval == 0 (Llama 4: 4)
+    qk_norm: bool = False  # RoPE layers: weightless RMS norm of q and k over the head dim, after RoPE (Scout)
+    # NoPE layers: q ·= log(floor((slot + 1) / attn_floor_scale) + 1) · attn_scale + 1 (Llama 4)
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: int = 8192
+    attn_scale: float = 0.1
     # Runtime (no effect on the function computed, only on speed/memory)
     dtype: str = "float32"  # activations / compute
     param_dtype: str = "float32"  # stored (master) weights
@@ -114,14 +139,67 @@ class LlamaConfig:
             raise ConfigError(f"LlamaConfig.norm_eps must be positive, got {self.norm_eps}.")
         if not self.rope_theta > 0:
             raise ConfigError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}.")
+        self._validate_moe_and_attention()
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
                               ("attention", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"LlamaConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
 
+    def _validate_moe_and_attention(self) -> None:
+        def positive_int(name, allow_none):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"LlamaConfig.{name} must be a positive integer{' or null' if allow_none else ''}, "
+                                  f"got {v!r}.")
+
+        if not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool) or self.n_experts < 0:
+            raise ConfigError(f"LlamaConfig.n_experts must be a non-negative integer (0 = dense), got {self.n_experts!r}.")
+        for name in ("experts_per_token", "moe_interleave"):
+            positive_int(name, False)
+        for name in ("moe_hidden", "sliding_window", "attention_chunk_size", "nope_interval", "attn_floor_scale"):
+            positive_int(name, True)
+        if self.n_experts and self.experts_per_token > self.n_experts:
+            raise ConfigError(f"LlamaConfig.experts_per_token ({self.experts_per_token}) must not exceed n_experts "
+                              f"({self.n_experts}).")
+        if self.moe_router not in MOE_ROUTERS:
+            raise ConfigError(f"LlamaConfig.moe_router must be one of {list(MOE_ROUTERS)}, got {self.moe_router!r}.")
+        if not self.n_experts and (self.moe_shared_expert or self.router_aux_loss_coef or self.router_z_loss_coef):
+            raise ConfigError("LlamaConfig.moe_shared_expert / router_*_loss_coef need n_experts > 0 (a MoE model).")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"LlamaConfig.{name} must be non-negative, got {getattr(self, name)}.")
+        for name in ("attn_scale",):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.scan_layers and self.layer_period > 1:
+            raise ConfigError(
+                f"LlamaConfig.scan_layers needs layers of one kind, but this config alternates them with period "
+                f"{self.layer_period} (moe_interleave {self.moe_interleave}, nope_interval {self.nope_interval}); "
+                f"set scan_layers: false.")
+        if self.sliding_window is not None and self.attention_chunk_size is not None:
+            raise ConfigError("LlamaConfig.sliding_window and attention_chunk_size are exclusive; set one of them.")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        """Width of each routed (and the shared) expert."""
+        return self.moe_hidden or self.ffn_hidden
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and (i + 1) % self.moe_interleave == 0
+
+    def uses_rope(self, i: int) -> bool:
+        return self.nope_interval is None or (i + 1) % self.nope_interval != 0
+
+    @property
+    def layer_period(self) -> int:
+        """The smallest p such that layers i and i + p always have the same kind (MoE or dense, RoPE or NoPE)."""
+        return math.lcm(self.moe_interleave if self.n_experts else 1, self.nope_interval or 1)
 
     def replace(self, **changes: Any) -> LlamaConfig:
         """A copy with `changes`; a rule-derived `ffn_hidden` is re-derived unless given explicitly."""
@@ -175,6 +253,12 @@ _7B = dict(dim=4096, n_layers=32, n_heads=32)
 _13B = dict(dim=5120, n_layers=40, n_heads=40)
 _70B = dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096)
 
+_MISTRAL = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, norm_eps=1e-5, max_seq_len=32768)
+_MIXTRAL = dict(n_experts=8, experts_per_token=2, moe_router="softmax", router_aux_loss_coef=0.02)
+_L4 = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, norm_eps=1e-5, rope_theta=500_000.0,
+           ffn_hidden=16384, moe_hidden=8192, experts_per_token=1, moe_router="sigmoid", moe_shared_expert=True,
+           attention_chunk_size=8192, nope_interval=4, attn_temperature_tuning=True)
+
 # Every official dense LLaMA (from Meta's params.json files), plus small sizes for tests and examples.
 PRESETS: dict[str, LlamaConfig] = {
     "llama1-7b": LlamaConfig(**_7B, **_L1),
@@ -199,6 +283,19 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, **_L32),
     "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim_multiplier=1.0, **_L32),
     "llama3.3-70b": LlamaConfig(**_70B, **_L31),
+    # Mistral 7B v0.1 (4096-token sliding window) and the v0.2/v0.3 shape (no window, θ = 1e6; v0.3's
+    # vocabulary adds 768 control tokens); Mixtral: every layer 8 experts, top-2, softmax router.
+    "mistral-7b": LlamaConfig(**_MISTRAL, vocab_size=32000, sliding_window=4096),
+    "mistral-7b-v0.3": LlamaConfig(**_MISTRAL, vocab_size=32768, rope_theta=1_000_000.0),
+    "mixtral-8x7b": LlamaConfig(**_MISTRAL, **_MIXTRAL, vocab_size=32000, rope_theta=1_000_000.0),
+    "mixtral-8x22b": LlamaConfig(dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, ffn_hidden=16384, vocab_size=32768,
+                                 rope_theta=1_000_000.0, max_seq_len=65536, **_MIXTRAL),
+    # Llama 4 text models: 16 (Scout) or 128 (Maverick) routed experts, top-1, sigmoid router, a shared
+    # expert; chunked attention (8192) on RoPE layers, every 4th layer NoPE with temperature tuning.
+    # Maverick alternates dense (width 16384) and MoE layers. Counts: see MOE_FAMILY_PARAM_COUNTS below.
+    "llama4-scout-17b-16e": LlamaConfig(**_L4, n_experts=16, qk_norm=True, max_seq_len=10485760,
+                                        rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192)),
+    "llama4-maverick-17b-128e": LlamaConfig(**_L4, n_experts=128, moe_interleave=2, max_seq_len=1048576),
     # Small models for tests, the quickstart and scaling ladders (not official).
     "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
                         max_seq_len=256),
@@ -239,3 +336,16 @@ def get_preset(name: str) -> LlamaConfig:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"unknown model preset {name!r}{hint} Known presets: {', '.join(PRESETS)}.")
     return PRESETS[name]
+
+
+# Llama 4 (text), Mistral and Mixtral: (total, active per token) parameters, from transformers'
+# Llama4ForCausalLM / MistralForCausalLM / MixtralForCausalLM built on PyTorch's meta device; the Llama 4
+# pair is also Meta's published 109B/17B and 400B/17B, Mixtral's 46.7B/12.9B and 141B/39B.
+MOE_FAMILY_PARAM_COUNTS: dict[str, tuple[int, int]] = {
+    "llama4-scout-17b-16e": (107_769_861_120, 17_172_894_720),
+    "llama4-maverick-17b-128e": (400_711_848_960, 17_184_691_200),
+    "mistral-7b": (7_241_732_096, 7_241_732_096),
+    "mistral-7b-v0.3": (7_248_023_552, 7_248_023_552),
+    "mixtral-8x7b": (46_702_792_704, 12_879_925_248),
+    "mixtral-8x22b": (140_630_071_296, 39_161_468_928),
+}

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import moe
 from llama_jax.attention import Mask, attend, attention_mask
 from llama_jax.config import LlamaConfig
 
@@ -104,7 +105,8 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
         wavelen = 2 * np.pi / freqs
         low_wavelen = s.original_max_seq_len / s.low_freq_factor
         high_wavelen = s.original_max_seq_len / s.high_freq_factor
-        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        band = s.high_freq_factor - s.low_freq_factor  # 0 for Llama 4 Scout: no band to interpolate
+        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / band if band else np.zeros_like(freqs)
         interpolated = (1 - smooth) * freqs / s.factor + smooth * freqs
         freqs = np.where(wavelen < high_wavelen, freqs, np.where(wavelen > low_wavelen, freqs / s.factor, interpolated))
     return freqs.astype(np.float32)
@@ -122,12 +124,31 @@ def apply_rope(x: Array, positions: Array, freqs: np.ndarray) -> Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def qk_norm(x: Array, eps: float) -> Array:
+    """Llama 4's weightless RMS norm over the head dim, in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def attention_temperature(cfg: LlamaConfig, positions: Array) -> Array:
+    """Llama 4's query scale on NoPE layers, log(floor((pos + 1) / floor_scale) + 1) · attn_scale + 1:
+    exactly 1 below position floor_scale - 1, growing slowly beyond (Nakanishi 2025, arXiv:2501.19399).
+    Counted in rotary positions, which equal transformers' and Meta's cache positions for an unpadded
+    sequence (a left-padded or packed one starts each sequence at 0)."""
+    return jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Attention (the score/softmax kernels live in `llama_jax/attention.py`, one per implementation)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. Per-layer options (all off for Llama 1–3): Llama 4's NoPE layers (no
+    rotary embedding, full causal attention, temperature tuning) and, on RoPE layers, chunked attention
+    and QK norm; Mistral's sliding window on every layer."""
+
     cfg: LlamaConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Mask, cache: dict | None, end: Array | None):
@@ -141,9 +162,20 @@ class Attention(nn.Module):
         # (GPT-2, Radford et al. 2019).
         wo = _param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
 
-        freqs = rope_frequencies(cfg)
-        q = apply_rope(linear("BTD,DNH->BTNH", x, wq), positions, freqs)
-        k = apply_rope(linear("BTD,DKH->BTKH", x, wk), positions, freqs).swapaxes(1, 2)
+        q = linear("BTD,DNH->BTNH", x, wq)
+        k = linear("BTD,DKH->BTKH", x, wk)
+        if cfg.uses_rope(self.layer):
+            freqs = rope_frequencies(cfg)
+            q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
+            if cfg.qk_norm:
+                q, k = qk_norm(q, cfg.norm_eps), qk_norm(k, cfg.norm_eps)
+            if cfg.attention_chunk_size is not None:
+                mask = mask.replace(chunk=cfg.attention_chunk_size, q_positions=positions)
+        elif cfg.attn_temperature_tuning:
+            q = (q * attention_temperature(cfg, positions)[:, :, None, None]).astype(q.dtype)
+        if cfg.sliding_window is not None:
+            mask = mask.replace(window=cfg.sliding_window)
+        k = k.swapaxes(1, 2)
         v = linear("BTD,DKH->BKTH", x, wv)  # keys and values head-major: (B, K, T, H)
         if cache is not None:  # write this step's keys/values at slots [end, end + T), attend to all S
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, end, 0))
@@ -154,33 +186,70 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x) (Shazeer 2020)."""
+    """SwiGLU: w2(silu(w1 x) · w3 x) (Shazeer 2020), of width `hidden` (default cfg.ffn_hidden)."""
 
     cfg: LlamaConfig
+    hidden: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        w1 = _param(self, "w1", (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), 0.02)
-        w3 = _param(self, "w3", (cfg.dim, cfg.ffn_hidden), ("embed", "mlp"), 0.02)
-        w2 = _param(self, "w2", (cfg.ffn_hidden, cfg.dim), ("mlp", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
+        f = self.hidden or cfg.ffn_hidden
+        w1 = _param(self, "w1", (cfg.dim, f), ("embed", "mlp"), 0.02)
+        w3 = _param(self, "w3", (cfg.dim, f), ("embed", "mlp"), 0.02)
+        w2 = _param(self, "w2", (f, cfg.dim), ("mlp", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
         gate = jax.nn.silu(linear("BTD,DF->BTF", x, w1))
         up = linear("BTD,DF->BTF", x, w3)
         return linear("BTF,FD->BTD", gate * up, w2)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+class MoEFeedForward(nn.Module):
+    """Mixture of experts (Mixtral, Llama 4): a router picks `experts_per_token` of `n_experts` SwiGLU
+    experts per token (see `llama_jax/moe.py` for routing and the dropless grouped-matmul dispatch), plus
+    an optional shared expert that every token passes through, added unweighted.
+
+    Sows the router statistics (`moe.router_stats`) into the `intermediates` collection for the trainer."""
 
     cfg: LlamaConfig
 
     @nn.compact
+    def __call__(self, x: Array, valid: Array) -> Array:
+        cfg = self.cfg
+        e, d, f = cfg.n_experts, cfg.dim, cfg.expert_hidden
+        router = _param(self, "router", (d, e), ("embed", "expert"), 0.02)
+        w1 = _param(self, "w1", (e, d, f), ("expert", "embed", "mlp"), 0.02)
+        w3 = _param(self, "w3", (e, d, f), ("expert", "embed", "mlp"), 0.02)
+        w2 = _param(self, "w2", (e, f, d), ("expert", "mlp", "embed"), 0.02 / (2 * cfg.n_layers) ** 0.5)
+        b, t, _ = x.shape
+        tokens = x.reshape(b * t, d)  # (M, D), M = B·T
+        logits = linear("MD,DE->ME", tokens, router).astype(jnp.float32)
+        idx, scores = moe.route(logits, cfg.experts_per_token, cfg.moe_router)
+        self.sow("intermediates", "router", moe.router_stats(logits, idx, valid.reshape(-1)))
+        y = moe.grouped_swiglu(tokens, idx, scores, w1, w3, w2, scale_inputs=cfg.moe_router == "sigmoid")
+        y = y.reshape(b, t, d)
+        if cfg.moe_shared_expert:
+            y = FeedForward(cfg, hidden=f, name="shared_expert")(x) + y
+        return y
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x)). `layer` (the block's
+    index) decides its kind where a config mixes kinds (MoE or dense, RoPE or NoPE)."""
+
+    cfg: LlamaConfig
+    layer: int = 0
+
+    @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Mask, cache: dict | None, end: Array | None):
-        h, cache = Attention(self.cfg, name="attention")(
+        h, cache = Attention(self.cfg, self.layer, name="attention")(
             RMSNorm(self.cfg, name="attention_norm")(x), positions, mask, cache, end
         )
         x = x + h
-        x = x + FeedForward(self.cfg, name="feed_forward")(RMSNorm(self.cfg, name="ffn_norm")(x))
+        normed = RMSNorm(self.cfg, name="ffn_norm")(x)
+        if self.cfg.is_moe_layer(self.layer):
+            x = x + MoEFeedForward(self.cfg, name="feed_forward")(normed, mask.q_segments != 0)
+        else:
+            x = x + FeedForward(self.cfg, name="feed_forward")(normed)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, cache
 
@@ -245,7 +314,7 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(
                 _ScanBlock if cfg.remat == "none" else block_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
@@ -255,7 +324,7 @@ class Llama(nn.Module):
         else:
             new_caches = []
             for i in range(cfg.n_layers):
-                x, c = block_cls(cfg, name=f"layers_{i}")(x, positions, mask,
+                x, c = block_cls(cfg, i, name=f"layers_{i}")(x, positions, mask,
                                                           None if cache is None else layer_caches[i], end)
                 new_caches.append(c)
             layer_caches = None if cache is None else new_caches
@@ -301,6 +370,15 @@ def param_shapes(cfg: LlamaConfig) -> Any:
 def count_params(cfg: LlamaConfig) -> int:
     """Number of parameters of `Llama(cfg)`, from the real module's shapes (nothing allocated)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(param_shapes(cfg))))
+
+
+def active_params(cfg: LlamaConfig) -> int:
+    """Parameters that touch one token: all of them minus the routed experts a token does not use
+    (n_experts - experts_per_token of them in every MoE layer). Equals `count_params` for dense models;
+    FLOP accounting (MFU, the scaling toolkit's 6·N·D) uses this N."""
+    per_expert = 3 * cfg.dim * cfg.expert_hidden
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    return count_params(cfg) - n_moe * (cfg.n_experts - cfg.experts_per_token) * per_expert
 
 
 def stack_layers(params: dict) -> dict:

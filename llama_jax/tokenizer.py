@@ -43,6 +43,8 @@ __all__ = [
     "train_sentencepiece",
     "LLAMA3_PATTERN",
     "LLAMA3_SPECIAL_TOKENS",
+    "LLAMA4_PATTERN",
+    "LLAMA4_SPECIAL_TOKENS",
 ]
 
 # The Llama 3 pre-tokenizer split pattern (the same as in Meta's llama3 tokenizer): contractions, letter
@@ -75,6 +77,38 @@ def _llama3_special_tokens(num_reserved: int = 256) -> list[str]:
 
 LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = tuple(_llama3_special_tokens())
 
+# Llama 4 (Meta's llama-models `llama4/tokenizer.py`): 200000 ranks and an o200k-style pattern — letter
+# runs split at case changes (an upper-case run, then lower case) with contractions attached, 1-3 digit
+# groups, punctuation runs that may take trailing newlines and slashes — then 2048 special tokens.
+LLAMA4_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA4_BASE_RANKS = 200_000
+
+
+def _llama4_special_tokens(total: int = 2048) -> list[str]:
+    # Order as in Meta's llama4 tokenizer: 5 basic, 75 text post-training (ids 200005..200079), 1054 vision,
+    # 10 reasoning, then `<|reserved_special_token_i|>` up to 2048.
+    post = ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
+    post += [f"<|text_post_train_reserved_special_token_{i}|>" for i in range(6)]
+    post += ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]
+    post += [f"<|text_post_train_reserved_special_token_{i}|>" for i in range(8, 69)]
+    vision = ["<|image_start|>", "<|image_end|>", "<|vision_reserved_special_token_0|>",
+              "<|vision_reserved_special_token_1|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+    vision += [f"<|vision_reserved_special_token_{i}|>" for i in range(2, 6)]
+    vision += ["<|image|>", "<|vision_reserved_special_token_6|>", "<|patch|>"]
+    vision += [f"<|vision_reserved_special_token_{i}|>" for i in range(7, 1048)]
+    reasoning = [f"<|reasoning_reserved_special_token_{i}|>" for i in range(8)]
+    reasoning += ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
+    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    named += post + vision + reasoning
+    return named + [f"<|reserved_special_token_{i}|>" for i in range(total - len(named))]
+
+
+LLAMA4_SPECIAL_TOKENS: tuple[str, ...] = tuple(_llama4_special_tokens())
+
 # tiktoken's BPE is quadratic in the length of one pre-tokenized piece and can overflow its stack on
 # very long runs of whitespace or non-whitespace (Meta's llama3 tokenizer splits those runs at 25,000
 # characters). Texts shorter than this cannot contain such a run and go to tiktoken in one call.
@@ -84,6 +118,9 @@ _MAX_RUN_CHARS = 25_000
 # every alternative that can hold a newline (`[\r\n]*` after punctuation, `\s*[\r\n]+`) ends at the
 # last newline of its run, and none continues past a newline into non-whitespace.
 _SAFE_CUT = re.compile(r"\n(?=[^\S\r\n]*\S)")
+# Llama 4's punctuation alternative also takes slashes after its newlines (`[\r\n/]*`), so a newline
+# directly followed by "/" is no safe cut there.
+_SAFE_CUT_LLAMA4 = re.compile(r"\n(?=[^\S\r\n]*\S)(?!/)")
 _RUNS = re.compile(r"\s+|\S+")
 
 
@@ -193,7 +230,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 class TiktokenTokenizer(Tokenizer):
-    """A tiktoken BPE ranks file with Llama 3's pattern and 256 special tokens after the ranks."""
+    """A tiktoken BPE ranks file with Llama 3's pattern and 256 special tokens after the ranks, or — a file
+    of exactly 200000 ranks — Llama 4's pattern and 2048 special tokens (`family` says which)."""
 
     kind = "tiktoken"
 
@@ -216,16 +254,21 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer file {path}: the BPE ranks are not exactly 0..{n - 1}")
-        self.special_tokens = {tok: n + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.family = "llama4" if n == LLAMA4_BASE_RANKS else "llama3"
+        llama4 = self.family == "llama4"
+        specials = LLAMA4_SPECIAL_TOKENS if llama4 else LLAMA3_SPECIAL_TOKENS
+        self._safe_cut = _SAFE_CUT_LLAMA4 if llama4 else _SAFE_CUT
+        self.special_tokens = {tok: n + i for i, tok in enumerate(specials)}
         self._enc = tiktoken.Encoding(
-            name=Path(path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+            name=Path(path).name, pat_str=LLAMA4_PATTERN if llama4 else LLAMA3_PATTERN, mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
         )
         self.vocab_size = n + len(self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id = self.special_tokens["<|eot|>" if llama4 else "<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom|>" if llama4 else "<|eom_id|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad|>" if llama4 else "<|finetune_right_pad_id|>"]
         self.stop_ids = frozenset((self.eos_id, self.eom_id, self.eot_id))
 
     def _pieces(self, text: str) -> Iterator[str]:
@@ -238,14 +281,14 @@ class TiktokenTokenizer(Tokenizer):
             limit, cut = start + _MAX_RUN_CHARS, -1
             p = text.rfind("\n", start + 1, limit)
             while p >= 0:
-                if _SAFE_CUT.match(text, p, limit):
+                if self._safe_cut.match(text, p, limit):
                     cut = p + 1
                     break
                 p = text.rfind("\n", start + 1, p)
             if cut <= start:
                 # No safe cut within the limit (one very long line, say): take the text up to the next
                 # safe cut and split only runs longer than the limit, as Meta's tokenizer does.
-                m = _SAFE_CUT.search(text, start + _MAX_RUN_CHARS)
+                m = self._safe_cut.search(text, start + _MAX_RUN_CHARS)
                 stop = n if m is None else m.end()
                 yield from self._split_long_runs(text[start:stop])
                 start = stop

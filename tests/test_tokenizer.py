@@ -180,3 +180,30 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "bad.tiktoken").write_bytes(b"SGVsbG8= 0\nnot-base64!! 1\n")
     with pytest.raises(ValueError, match="line 2"):
         load_tokenizer(tmp_path / "bad.tiktoken")
+
+
+def test_llama4_known_facts_and_long_text(shared_data):
+    """Llama 4's file (200000 ranks) is detected by content: its o200k-style pattern and 2048 special tokens
+    give the ids Meta's llama_models reference gives (../shared/data/README.md)."""
+    tok = load_tokenizer(shared_data / "tokenizers/llama4/tokenizer.model")
+    assert tok.family == "llama4" and load_tokenizer(shared_data / "tokenizers/llama3").family == "llama3"
+    assert tok.encode("hello world") == [25681, 3817]
+    assert tok.encode("Hello world") == [19873, 3817]
+    assert tok.encode(" Hello, World! 12345") == [39715, 24, 7353, 13, 220, 7235, 2127]
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (202048, 200000, 200001, 200018)
+    assert tok.special_tokens["<|header_start|>"] == 200005 and tok.special_tokens["<|header_end|>"] == 200006
+    assert tok.special_tokens["<|eot|>"] == 200008 and tok.stop_ids == {200001, 200007, 200008}
+    assert tok.special_tokens["<|image_start|>"] == 200080 and tok.special_tokens["<|reasoning_thinking_end|>"] == 201143
+    assert tok.encode("Hello world", bos=True, eos=True) == [200000, 19873, 3817, 200001]
+    assert 200008 not in tok.encode("<|eot|>")
+    # Long text goes through the cutting path; a newline directly followed by "/" (which this pattern's
+    # punctuation alternative swallows, unlike Llama 3's) must not be cut.
+    text = (shared_data / "corpus/war-and-peace.txt").read_text()[:120_000]
+    text = text.replace("\n\n", "!\n/ ").replace(".\n", ".\n//")
+    assert len(text) > 100_000 and "!\n/" in text
+    ids = tok.encode(text)
+    assert ids == tok._enc.encode_ordinary(text)
+    assert tok.decode(ids) == text
+    # the one newline inside the first 25,000-character window is followed by "/": "}\n/" is one token
+    text = "ab cd\n" * 4000 + "}\n/" + " x" * 1000 + "\nend"
+    assert tok.encode(text) == tok._enc.encode_ordinary(text)

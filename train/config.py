@@ -6,7 +6,7 @@ A run config has these sections (every key optional except where noted):
     data:        path (a prepared dir, a list of dirs, or a {dir: weight} mixture) | synthetic, seq_len
     train:       global_batch_size, steps, seed, eval_every, eval_batches, micro_batches, z_loss, ...
     optim:       lr, warmup_steps, decay_steps, min_lr_ratio, schedule, b1, b2, eps, weight_decay, ...
-    mesh:        data, fsdp, tensor (-1 = the rest of the devices)
+    mesh:        data, fsdp, tensor, expert (MoE models) (-1 = the rest of the devices)
     checkpoint:  every, keep_last, keep_every, async_save
     logging:     log_every, tensorboard, progress
     distributed: initialize, coordinator_address, num_processes, process_id, initialization_timeout
@@ -79,10 +79,11 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    expert: int = 1  # expert parallelism (MoE models); the mesh gets this fourth axis only when it is not 1
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def shape(self) -> tuple[int, ...]:
+        return (self.data, self.fsdp, self.tensor) + ((self.expert,) if self.expert != 1 else ())
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {o.b1}, {o.b2}.")
     _check(o.eps > 0, f"optim.eps must be positive, got {o.eps}.")
     _check(o.weight_decay >= 0 and o.clip_norm >= 0, "optim.weight_decay and optim.clip_norm must be >= 0.")
-    for name in ("data", "fsdp", "tensor"):
+    for name in ("data", "fsdp", "tensor", "expert"):
         v = getattr(cfg.mesh, name)
         _check(v == -1 or v > 0, f"mesh.{name} must be a positive size or -1 (the rest), got {v}.")
     _check(c.every >= 0 and c.keep_last >= 1 and c.keep_every >= 0,

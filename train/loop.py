@@ -340,6 +340,9 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
                            "tokens": done * cfg.tokens_per_step}
                     if t.z_loss:
                         rec["z_loss"] = float(m["z_loss"])
+                    if cfg.model.n_experts:  # dropless dispatch: no token is ever dropped
+                        rec.update(router_aux_loss=float(m["router_aux_loss"]), router_z_loss=float(m["router_z_loss"]),
+                                   expert_load=[round(float(x), 5) for x in m["expert_load"]])
                     if skipped:
                         rec["skipped"] = skipped
                     metrics.log(rec)

@@ -9,6 +9,11 @@ below is the only place that says which mesh axis each name is split over:
              (ZeRO-3 / FSDP); weights are all-gathered per layer by the compiler.
 - `tensor` : Megatron-style tensor parallelism — heads, MLP hidden units and vocabulary split, the
              residual stream replicated across it.
+- `expert` : expert parallelism for mixture-of-experts models (Mixtral, Llama 4) — the routed experts'
+             weights (and the router's columns) split by expert. The mesh has this fourth axis only
+             when a size is given for it (`make_mesh((d, f, t, e))`, `mesh.expert` in a run config);
+             tokens are not split over it, so the compiler exchanges them (gathers each device's
+             experts' tokens, reduces their outputs) around the dispatch.
 
 Rules are tried in order and a mesh axis is used at most once per array (flax's logical-axis semantics),
 so an activation (batch, length, embed) takes `('data', 'fsdp')` for `batch` and leaves `embed` whole,
@@ -28,6 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+EXPERT_AXIS = "expert"  # the optional fourth mesh axis (mixture-of-experts models)
 BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
@@ -41,6 +47,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("expert", "expert"),  # dropped where the mesh has no `expert` axis
 )
 
 
@@ -51,23 +58,24 @@ class ShardingError(ValueError):
 def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
     """Replace at most one -1 in `shape` by the devices left over; check the product equals `n_devices`."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES):
-        raise ShardingError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}.")
+    axes = MESH_AXES + (EXPERT_AXIS,) if len(shape) == len(MESH_AXES) + 1 else MESH_AXES
+    if len(shape) != len(axes):
+        raise ShardingError(f"mesh needs {len(MESH_AXES)} sizes {MESH_AXES} (or a 4th, {EXPERT_AXIS!r}), got {shape}.")
     if any(s == 0 or s < -1 for s in shape):
-        raise ShardingError(f"mesh sizes must be positive or -1 (\"the rest\"), got {dict(zip(MESH_AXES, shape))}.")
+        raise ShardingError(f"mesh sizes must be positive or -1 (\"the rest\"), got {dict(zip(axes, shape))}.")
     if shape.count(-1) > 1:
-        raise ShardingError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}.")
+        raise ShardingError(f"at most one mesh axis may be -1, got {dict(zip(axes, shape))}.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if n_devices % known:
             raise ShardingError(
-                f"mesh {dict(zip(MESH_AXES, shape))}: the fixed axes multiply to {known}, which does not divide "
+                f"mesh {dict(zip(axes, shape))}: the fixed axes multiply to {known}, which does not divide "
                 f"the {n_devices} devices, so -1 has no integer size."
             )
         shape = tuple(n_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != n_devices:
         raise ShardingError(
-            f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices but {n_devices} are available; "
+            f"mesh {dict(zip(axes, shape))} has {math.prod(shape)} devices but {n_devices} are available; "
             f"the sizes must multiply to the device count (use -1 for one axis to take the rest)."
         )
     return shape
@@ -80,7 +88,8 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None =
     TPU); the last axis (`tensor`) varies fastest, so tensor-parallel groups are neighbours."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(shape, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axes = MESH_AXES + (EXPERT_AXIS,) if len(shape) > len(MESH_AXES) else MESH_AXES
+    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def logical_to_spec(logical: Sequence[str | None] | None) -> PartitionSpec:
@@ -124,6 +133,8 @@ def shardings_for(boxed_tree: Any, mesh: Mesh) -> Any:
     def one(path, value, logical):
         logical = tuple(logical) if logical is not None else ()
         spec = logical_to_spec(logical) if logical else PartitionSpec()
+        if EXPERT_AXIS in spec and EXPERT_AXIS not in mesh.axis_names:  # a mesh without the optional axis
+            spec = PartitionSpec(*(None if a == EXPERT_AXIS else a for a in spec))
         check_divisible(_path_str(path), value.shape, spec, mesh, logical or None)
         return NamedSharding(mesh, spec)
 

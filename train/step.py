@@ -87,10 +87,37 @@ def loss_weights(batch: dict[str, jax.Array]) -> jax.Array:
     return batch["loss_mask"].astype(jnp.float32) * (batch["segment_ids"] != 0).astype(jnp.float32)
 
 
+def router_summary(intermediates: Any) -> dict[str, jax.Array]:
+    """The MoE layers' sown router statistics (`llama_jax.moe.router_stats`), averaged over the layers:
+    `router_aux_loss`, `router_z_loss` and `expert_load` (E,) (fraction of assignments per expert)."""
+    found = []
+
+    def walk(node):
+        for k, v in node.items():
+            if k == "router" and isinstance(v, tuple):
+                found.extend(v)
+            elif hasattr(v, "items"):
+                walk(v)
+
+    walk(intermediates)
+    e = found[0]["load"].shape[-1]
+    cat = lambda name, shape: jnp.concatenate([f[name].reshape(shape) for f in found])  # noqa: E731  (scan: L-stacked)
+    return {"router_aux_loss": jnp.mean(cat("aux_loss", (-1,))), "router_z_loss": jnp.mean(cat("z_loss", (-1,))),
+            "expert_load": jnp.mean(cat("load", (-1, e)), axis=0)}
+
+
+def model_hidden(cfg: LlamaConfig, params: Any, batch: dict[str, jax.Array]):
+    """Final hidden states (B, T, D), and for a MoE model its `router_summary` (None for a dense one)."""
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
+    if not cfg.n_experts:
+        return Llama(cfg).apply({"params": params}, batch["inputs"], **kw), None
+    hidden, state = Llama(cfg).apply({"params": params}, batch["inputs"], **kw, mutable=["intermediates"])
+    return hidden, router_summary(state["intermediates"])
+
+
 def loss_sums(cfg: LlamaConfig, params: Any, batch: dict[str, jax.Array], loss_chunk: int):
     """(Σ CE, Σ logsumexp²) over the counted positions of `batch`."""
-    hidden = Llama(cfg).apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], return_hidden=True)
+    hidden, _ = model_hidden(cfg, params, batch)
     return chunked_cross_entropy(hidden, output_kernel(cfg, params), batch["targets"], loss_weights(batch),
                                  loss_chunk)
 
@@ -108,11 +135,25 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
     one big batch's.
 
     A non-finite loss or gradient norm leaves params and optimizer state unchanged (the step counter
-    still advances); `metrics["finite"]` reports it and the loop decides to stop or go on."""
+    still advances); `metrics["finite"]` reports it and the loop decides to stop or go on.
 
-    def objective(params, mb, n_tokens):
-        ce, z = loss_sums(cfg, params, mb, loss_chunk)
-        return (ce + z_loss * z) / n_tokens, (ce, z)
+    A MoE model adds `cfg.router_aux_loss_coef` × the load-balancing loss and `cfg.router_z_loss_coef` ×
+    the router z-loss (each the mean over MoE layers, weighted by each micro-batch's share of the tokens)
+    and reports them with the per-expert load in the metrics."""
+
+    def objective(params, mb, counts):
+        n_tokens, n_routed = counts  # tokens counted by the loss; tokens routed (all but padding)
+        hidden, router = model_hidden(cfg, params, mb)
+        weights = loss_weights(mb)
+        ce, z = chunked_cross_entropy(hidden, output_kernel(cfg, params), mb["targets"], weights, loss_chunk)
+        total = (ce + z_loss * z) / n_tokens
+        moe_terms = {}
+        if router is not None:
+            share = jnp.sum(mb["segment_ids"] != 0) / n_routed  # this slice's share of the routed tokens
+            moe_terms = jax.tree.map(lambda x: x * share, router)
+            total = total + (cfg.router_aux_loss_coef * moe_terms["router_aux_loss"]
+                             + cfg.router_z_loss_coef * moe_terms["router_z_loss"])
+        return total, (ce, z, moe_terms)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
@@ -125,8 +166,9 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
         ctx_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else nullcontext()
         with ctx_mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             n_tokens = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
+            counts = (n_tokens, jnp.maximum(jnp.sum(batch["segment_ids"] != 0), 1).astype(jnp.float32))
             if micro_batches == 1:
-                (_, (ce, z)), grads = grad_fn(state.params, batch, n_tokens)
+                (_, (ce, z, moe_terms)), grads = grad_fn(state.params, batch, counts)
             else:
                 def split(x):  # (B, ...) -> (k, B/k, ...), slice i = rows i, i+k, ...
                     x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
@@ -136,15 +178,18 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
                     return x
 
                 def accumulate(carry, mb):
-                    g_acc, ce_acc, z_acc = carry
-                    (_, (ce, z)), g = grad_fn(state.params, mb, n_tokens)
+                    g_acc, ce_acc, z_acc, moe_acc = carry
+                    (_, (ce, z, moe_terms)), g = grad_fn(state.params, mb, counts)
                     g_acc = constrain_like_params(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g))
-                    return (g_acc, ce_acc + ce, z_acc + z), None
+                    return (g_acc, ce_acc + ce, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe_terms)), None
 
                 zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
                 zero = jnp.zeros((), jnp.float32)
-                (grads, ce, z), _ = jax.lax.scan(accumulate, (zeros, zero, zero),
-                                                 {k: split(v) for k, v in batch.items()})
+                moe_zero = ({} if not cfg.n_experts else
+                            {"router_aux_loss": zero, "router_z_loss": zero,
+                             "expert_load": jnp.zeros((cfg.n_experts,), jnp.float32)})
+                (grads, ce, z, moe_terms), _ = jax.lax.scan(accumulate, (zeros, zero, zero, moe_zero),
+                                                            {k: split(v) for k, v in batch.items()})
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
             grad_norm = global_norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -162,6 +207,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
                 "lr": jnp.asarray(schedule(state.step), jnp.float32),
                 "tokens": n_tokens,
                 "finite": finite,
+                **moe_terms,
             }
             return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

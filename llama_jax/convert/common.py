@@ -62,8 +62,29 @@ def dtype_name(dtype: Any) -> str:
     return next(name for name, d in DTYPES.items() if d == dt)
 
 
-def layer_leaf_shape(cfg: LlamaConfig, leaf: Key) -> tuple[int, ...]:
+# A mixture-of-experts layer's feed-forward (Mixtral, Llama 4) replaces the dense one's leaves.
+MOE_FFN_LEAVES: tuple[Key, ...] = (("feed_forward", "router"), ("feed_forward", "w1"), ("feed_forward", "w2"),
+                                   ("feed_forward", "w3"))
+SHARED_EXPERT_LEAVES: tuple[Key, ...] = (("feed_forward", "shared_expert", "w1"),
+                                         ("feed_forward", "shared_expert", "w2"),
+                                         ("feed_forward", "shared_expert", "w3"))
+
+
+def layer_leaves(cfg: LlamaConfig, i: int) -> tuple[Key, ...]:
+    """The leaves of block i: LAYER_LEAVES, with the MoE feed-forward in a MoE layer."""
+    if not cfg.is_moe_layer(i):
+        return LAYER_LEAVES
+    return (LAYER_LEAVES[:4] + MOE_FFN_LEAVES + (SHARED_EXPERT_LEAVES if cfg.moe_shared_expert else ())
+            + LAYER_LEAVES[7:])
+
+
+def layer_leaf_shape(cfg: LlamaConfig, leaf: Key, i: int = 0) -> tuple[int, ...]:
     d, n, k, h, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden
+    if cfg.is_moe_layer(i) and leaf[0] == "feed_forward":
+        e, fe = cfg.n_experts, cfg.expert_hidden
+        if leaf[1] == "shared_expert":
+            return (fe, d) if leaf[2] == "w2" else (d, fe)
+        return {"router": (d, e), "w1": (e, d, fe), "w3": (e, d, fe), "w2": (e, fe, d)}[leaf[1]]
     return {
         ("attention", "wq"): (d, n, h), ("attention", "wk"): (d, k, h), ("attention", "wv"): (d, k, h),
         ("attention", "wo"): (n, h, d),
@@ -76,8 +97,8 @@ def param_table(cfg: LlamaConfig) -> dict[Key, tuple[int, ...]]:
     """Every parameter of `Llama(cfg)` in the unrolled layout → its shape, in checkpoint order."""
     table: dict[Key, tuple[int, ...]] = {("tok_embeddings", "embedding"): (cfg.vocab_size, cfg.dim)}
     for i in range(cfg.n_layers):
-        for leaf in LAYER_LEAVES:
-            table[(f"layers_{i}", *leaf)] = layer_leaf_shape(cfg, leaf)
+        for leaf in layer_leaves(cfg, i):
+            table[(f"layers_{i}", *leaf)] = layer_leaf_shape(cfg, leaf, i)
     table[("norm", "scale")] = (cfg.dim,)
     if not cfg.tie_embeddings:
         table[("output",)] = (cfg.dim, cfg.vocab_size)
@@ -178,7 +199,7 @@ def scanned_order(cfg: LlamaConfig) -> list[Key]:
     """Checkpoint keys grouped leaf by leaf (wq of every layer, then wk, ...): the streaming order for
     storage that keeps layers stacked."""
     keys = [("tok_embeddings", "embedding")]
-    keys += [(f"layers_{i}", *leaf) for leaf in LAYER_LEAVES for i in range(cfg.n_layers)]
+    keys += [(f"layers_{i}", *leaf) for leaf in layer_leaves(cfg, 0) for i in range(cfg.n_layers)]
     keys += [("norm", "scale")] + ([] if cfg.tie_embeddings else [("output",)])
     return keys
 
@@ -189,7 +210,7 @@ def expected_tree_shapes(cfg: LlamaConfig) -> dict[Key, tuple[int, ...]]:
     if not cfg.scan_layers:
         return table
     out = {k: v for k, v in table.items() if layer_index(k) is None}
-    for leaf in LAYER_LEAVES:
+    for leaf in layer_leaves(cfg, 0):  # scanned layers are all of one kind
         out[("layers", *leaf)] = (cfg.n_layers, *layer_leaf_shape(cfg, leaf))
     return out
 

@@ -93,6 +93,89 @@ def hf_shape(cfg: LlamaConfig, key: Key) -> tuple[int, ...]:
     return meta_shape(cfg, key)  # the permutation of q/k rows keeps Meta's shapes
 
 
+# ------------------------------------------------------------------ Mistral, Mixtral, Llama 4: tensor plans
+
+
+def family(cfg: LlamaConfig) -> str:
+    """Which transformers architecture stores `cfg`: "llama", "mistral" (sliding window), "mixtral"
+    (softmax-routed experts) or "llama4" (sigmoid router, chunked/NoPE attention, QK norm)."""
+    if cfg.moe_router == "sigmoid" and cfg.n_experts or cfg.attention_chunk_size or cfg.nope_interval or cfg.qk_norm \
+            or cfg.attn_temperature_tuning or cfg.moe_shared_expert or cfg.moe_interleave > 1:
+        return "llama4"
+    if cfg.n_experts:
+        return "mixtral"
+    return "mistral" if cfg.sliding_window else "llama"
+
+
+class HFTensor:
+    """One tensor of a transformers checkpoint and the parameter(s) of ours it holds.
+
+    `to_hf(arrays)` builds it from our arrays of `keys`; `from_hf(m)` gives one array per key. Where one of
+    our parameters is split over several tensors (Mixtral's per-expert `experts.j.w1`), each gives that
+    expert's slice and the parameter is their stack along axis 0."""
+
+    __slots__ = ("name", "shape", "keys", "to_hf", "from_hf")
+
+    def __init__(self, name, shape, keys, to_hf, from_hf):
+        self.name, self.shape, self.keys, self.to_hf, self.from_hf = name, tuple(shape), tuple(keys), to_hf, from_hf
+
+
+def hf_tensors(cfg: LlamaConfig, keys: list[Key]) -> list[HFTensor]:
+    """The transformers tensors of our parameters `keys` (a full set), in the order the keys first need them.
+
+    Llama 4 (`Llama4ForCausalLM`): q/k rows are *not* permuted (its RoPE rotates interleaved pairs, as
+    Meta's and ours do); a MoE layer stores `feed_forward.router.weight` (E, D), the experts fused as
+    `feed_forward.experts.gate_up_proj` (E, D, 2F) (gate then up, used as x @ W) and `down_proj` (E, F, D),
+    and `feed_forward.shared_expert.{gate,up,down}_proj.weight`; dense layers `feed_forward.{gate,up,
+    down}_proj.weight`. Mixtral (the Hub's layout, which transformers 5 fuses on loading and splits on
+    saving): `block_sparse_moe.gate.weight` (E, D) and `block_sparse_moe.experts.j.{w1,w2,w3}.weight`,
+    each a torch Linear weight. Mistral's names are LLaMA's."""
+    fam = family(cfg)
+    out: list[HFTensor] = []
+    for key in keys:
+        i = layer_index(key)
+        leaf = key[1:] if i is not None else None
+        if fam == "llama4" and leaf in (("attention", "wq"), ("attention", "wk")):
+            out.append(HFTensor(hf_name(key), meta_shape(cfg, key), [key], lambda xs, k=key: to_meta(cfg, k, xs[0]),
+                                lambda m, k=key: [from_meta(cfg, k, m)]))
+        elif i is None or not cfg.is_moe_layer(i) or leaf[0] != "feed_forward":
+            if fam == "llama4" and leaf is not None and leaf[0] == "feed_forward":
+                name = f"model.layers.{i}.feed_forward.{ {'w1': 'gate', 'w3': 'up', 'w2': 'down'}[leaf[1]] }_proj.weight"
+            else:
+                name = hf_name(key)
+            out.append(HFTensor(name, hf_shape(cfg, key), [key], lambda xs, k=key: to_hf(cfg, k, xs[0]),
+                                lambda m, k=key: [from_hf(cfg, k, m)]))
+        else:
+            out += _moe_tensors(cfg, fam, i, leaf, key)
+    return out
+
+
+def _moe_tensors(cfg: LlamaConfig, fam: str, i: int, leaf: Key, key: Key) -> list[HFTensor]:
+    d, e, f = cfg.dim, cfg.n_experts, cfg.expert_hidden
+    t = lambda x: x.T  # noqa: E731  (ours (in, out) ↔ torch Linear (out, in))
+    if fam == "mixtral":
+        pre = f"model.layers.{i}.block_sparse_moe."
+        if leaf[1] == "router":
+            return [HFTensor(pre + "gate.weight", (e, d), [key], lambda xs: t(xs[0]), lambda m: [t(m)])]
+        shape = (d, f) if leaf[1] == "w2" else (f, d)
+        return [HFTensor(f"{pre}experts.{j}.{leaf[1]}.weight", shape, [key], lambda xs, j=j: t(xs[0][j]),
+                         lambda m: [t(m)]) for j in range(e)]
+    pre = f"model.layers.{i}.feed_forward."
+    if leaf[1] == "shared_expert":
+        name = pre + f"shared_expert.{ {'w1': 'gate', 'w3': 'up', 'w2': 'down'}[leaf[2]] }_proj.weight"
+        shape = (d, f) if leaf[2] == "w2" else (f, d)
+        return [HFTensor(name, shape, [key], lambda xs: t(xs[0]), lambda m: [t(m)])]
+    if leaf[1] == "router":
+        return [HFTensor(pre + "router.weight", (e, d), [key], lambda xs: t(xs[0]), lambda m: [t(m)])]
+    if leaf[1] == "w2":
+        return [HFTensor(pre + "experts.down_proj", (e, f, d), [key], lambda xs: xs[0], lambda m: [m])]
+    if leaf[1] == "w3":
+        return []  # stored with w1 in gate_up_proj
+    w3 = (*key[:-1], "w3")
+    return [HFTensor(pre + "experts.gate_up_proj", (e, d, 2 * f), [key, w3],
+                     lambda xs: np.concatenate(xs, axis=-1), lambda m: [m[..., :f], m[..., f:]])]
+
+
 # ------------------------------------------------------------------------------------------- config.json
 
 
@@ -110,8 +193,15 @@ def config_from_hf(d: dict[str, Any], location: str) -> LlamaConfig:
             raise ConvertError(f"{location}: required key {k!r} is missing.")
         return d[k]
 
-    if d.get("model_type", "llama") != "llama":
-        raise ConvertError(f"{location}: model_type is {d.get('model_type')!r}; only 'llama' models are supported.")
+    model_type = d.get("model_type", "llama")
+    if model_type == "llama4" and isinstance(d.get("text_config"), dict):
+        # The multimodal checkpoint (Llama4ForConditionalGeneration): its text model is a Llama4ForCausalLM
+        # under `language_model.`; the vision tower and projector are not part of this library's model.
+        d = {"model_type": "llama4_text", **d["text_config"]}
+        model_type = "llama4_text"
+    if model_type not in ("llama", "mistral", "mixtral", "llama4_text"):
+        raise ConvertError(f"{location}: model_type is {model_type!r}; supported: 'llama', 'mistral', 'mixtral', "
+                           f"'llama4_text' and 'llama4' (its text model).")
     for k, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if d.get(k, ok) != ok:
             raise ConvertError(f"{location}: {k} is {d[k]!r}; LLaMA uses {ok!r} and this model has no other option.")
@@ -141,10 +231,44 @@ def config_from_hf(d: dict[str, Any], location: str) -> LlamaConfig:
                   vocab_size=need("vocab_size"), norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
                   rope_scaling=rope_scaling, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                   max_seq_len=int(d.get("max_position_embeddings", 2048)))
+    if model_type != "llama":
+        fields.update(_family_fields(d, model_type, location, need))
     try:
+        if model_type != "llama":  # these families state every width; no sizing rule to recover
+            return LlamaConfig(dim=dim, **fields)
         return LlamaConfig(dim=dim, **fields, **_ffn_fields(dim, need("intermediate_size"), fields))
     except ConfigError as e:
         raise ConvertError(f"{location}: {e}") from None
+
+
+def _family_fields(d: dict[str, Any], model_type: str, location: str, need) -> dict[str, Any]:
+    """The LlamaConfig fields of a Mistral, Mixtral or Llama 4 (text) config.json."""
+    out: dict[str, Any] = {"ffn_hidden": need("intermediate_size")}
+    if model_type in ("mistral", "mixtral"):
+        out["sliding_window"] = d.get("sliding_window") or None
+        if model_type == "mixtral":
+            out.update(n_experts=need("num_local_experts"), experts_per_token=need("num_experts_per_tok"),
+                       moe_router="softmax", router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.0)))
+        return out
+    n_layers = need("num_hidden_layers")
+    step = int(d.get("interleave_moe_layer_step", 1))
+    interval = int(d.get("no_rope_layer_interval", 4))
+    out.update(ffn_hidden=need("intermediate_size_mlp"), moe_hidden=need("intermediate_size"),
+               n_experts=need("num_local_experts"), experts_per_token=int(d.get("num_experts_per_tok", 1)),
+               moe_router="sigmoid", moe_shared_expert=True, moe_interleave=step, nope_interval=interval,
+               qk_norm=bool(d.get("use_qk_norm", True)), attention_chunk_size=d.get("attention_chunk_size"),
+               # Hub files may say `attn_temperature_tuning: 4` (an int); any true value turns it on.
+               attn_temperature_tuning=bool(d.get("attn_temperature_tuning", True)),
+               attn_floor_scale=int(d.get("floor_scale", 8192)), attn_scale=float(d.get("attn_scale", 0.1)))
+    moe_layers = d.get("moe_layers")
+    if moe_layers is not None and list(moe_layers) != list(range(step - 1, n_layers, step)):
+        raise ConvertError(f"{location}: moe_layers {moe_layers} is not every {step}th layer "
+                           f"(interleave_moe_layer_step); this model interleaves MoE layers regularly only.")
+    no_rope = d.get("no_rope_layers")
+    if no_rope and [bool(x) for x in no_rope] != [(i + 1) % interval != 0 for i in range(n_layers)]:
+        raise ConvertError(f"{location}: no_rope_layers is not a NoPE layer every {interval}th layer "
+                           f"(no_rope_layer_interval); this model places NoPE layers regularly only.")
+    return out
 
 
 def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -171,6 +295,45 @@ def hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": 0.02, "pretraining_tp": 1,
         "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
     }
+
+
+def family_config(cfg: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
+    """config.json for `family(cfg)`: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM or the text-only
+    Llama4ForCausalLM (model_type "llama4_text")."""
+    base = hf_config(cfg, dtype)
+    fam = family(cfg)
+    if fam == "llama":
+        return base
+    for k in ("pretraining_tp", "mlp_bias"):
+        base.pop(k)
+    if cfg.sliding_window and fam == "llama4":
+        raise ConvertError("a config with both Llama 4 options and a sliding window has no transformers architecture.")
+    if fam in ("mistral", "mixtral"):
+        if fam == "mixtral" and (cfg.moe_router != "softmax" or cfg.expert_hidden != cfg.ffn_hidden):
+            raise ConvertError("Mixtral's format needs a softmax router and experts of width ffn_hidden.")
+        base.update(architectures=[f"{fam.capitalize()}ForCausalLM"], model_type=fam, sliding_window=cfg.sliding_window)
+        if fam == "mixtral":
+            base.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                        router_aux_loss_coef=cfg.router_aux_loss_coef, router_jitter_noise=0.0,
+                        output_router_logits=False)
+        return base
+    if cfg.n_experts and cfg.moe_router != "sigmoid" or cfg.n_experts and not cfg.moe_shared_expert:
+        raise ConvertError("Llama 4's format needs a sigmoid router with a shared expert (or no experts at all).")
+    n = cfg.n_layers
+    interval = cfg.nope_interval or n + 1
+    base.update(
+        architectures=["Llama4ForCausalLM"], model_type="llama4_text", intermediate_size=cfg.expert_hidden, intermediate_size_mlp=cfg.ffn_hidden,
+        num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+        interleave_moe_layer_step=cfg.moe_interleave, moe_layers=[i for i in range(n) if cfg.is_moe_layer(i)],
+        no_rope_layer_interval=interval, no_rope_layers=[int(cfg.uses_rope(i)) for i in range(n)],
+        use_qk_norm=cfg.qk_norm, attention_chunk_size=cfg.attention_chunk_size,
+        attn_temperature_tuning=cfg.attn_temperature_tuning, floor_scale=cfg.attn_floor_scale,
+        attn_scale=cfg.attn_scale, router_aux_loss_coef=0.0, router_jitter_noise=0.0,
+        layer_types=["chunked_attention" if cfg.uses_rope(i) and cfg.attention_chunk_size else "full_attention"
+                     for i in range(n)])
+    if cfg.vocab_size >= 202048:  # the Llama 4 tokenizer's <|begin_of_text|>, <|end_of_text|>, <|finetune_right_pad_id|>
+        base.update(bos_token_id=200000, eos_token_id=200001, pad_token_id=200018)
+    return base
 
 
 # ---------------------------------------------------------------------------------------- safetensors
@@ -303,24 +466,37 @@ class HFSource(Source):
         except (OSError, json.JSONDecodeError) as e:
             raise ConvertError(f"{cj}: cannot read config.json ({e}).") from None
         cfg = config_from_hf(self.config_json, str(cj))
-        self.entries = {n: e for n, e in _weight_files(self.dir).items() if not _DROPPED.match(n)}
-        want = {hf_name(k): k for k in param_table(cfg)}
-        for name, key in want.items():
+        entries = {n: e for n, e in _weight_files(self.dir).items() if not _DROPPED.match(n)}
+        # Llama 4's multimodal checkpoint keeps its text model under `language_model.`; only that is read
+        # (`self.skipped` counts the vision tower's and projector's tensors left out).
+        self.skipped = 0
+        if self.config_json.get("model_type") == "llama4" and any(n.startswith("language_model.") for n in entries):
+            self.skipped = sum(not n.startswith("language_model.") for n in entries)
+            entries = {n[len("language_model."):]: e for n, e in entries.items() if n.startswith("language_model.")}
+        self.entries = entries
+        self.tensors = hf_tensors(cfg, param_table(cfg))
+        self.by_key: dict[Key, list[tuple[HFTensor, int]]] = {}
+        for t in self.tensors:
+            for j, k in enumerate(t.keys):
+                self.by_key.setdefault(k, []).append((t, j))
+        want = {t.name: t for t in self.tensors}
+        for name, t in want.items():
             if name not in self.entries:
                 raise ConvertError(f"{self.dir}: tensor {name} is missing from the weight files "
                                    f"(config.json describes {cfg.n_layers} layers"
-                                   f"{', untied embeddings' if key == ('output',) else ''}).")
+                                   f"{', untied embeddings' if t.keys == (('output',),) else ''}).")
             e = self.entries[name]
-            if tuple(e.shape) != hf_shape(cfg, key):
+            if tuple(e.shape) != t.shape:
                 raise ConvertError(f"{e.path}: tensor {name} has shape {tuple(e.shape)}, config.json expects "
-                                   f"{hf_shape(cfg, key)}.")
+                                   f"{t.shape}.")
         for name in self.entries:
             if name not in want:
                 if name == "lm_head.weight" and cfg.tie_embeddings:
                     self._check_tied_head()
                     continue
                 raise ConvertError(f"{self.entries[name].path}: unexpected tensor {name} (config.json describes "
-                                   f"{cfg.n_layers} layers; names must follow transformers' LlamaForCausalLM).")
+                                   f"{cfg.n_layers} layers; names must follow transformers' "
+                                   f"{family_config(cfg)['architectures'][0]}).")
         self.cfg = cfg.replace(param_dtype=dtype_name(self.dtype(("layers_0", "attention", "wq"))))
 
     def _check_tied_head(self) -> None:
@@ -331,10 +507,14 @@ class HFSource(Source):
                                f"config.json says tie_word_embeddings: true.")
 
     def dtype(self, key: Key) -> np.dtype:
-        return self.entries[hf_name(key)].dtype
+        return self.entries[self.by_key[key][0][0].name].dtype
 
     def read(self, key: Key) -> np.ndarray:
-        return from_hf(self.cfg, key, self.entries[hf_name(key)].read())
+        parts = self.by_key[key]
+        if len(parts) == 1:
+            t, j = parts[0]
+            return np.ascontiguousarray(t.from_hf(self.entries[t.name].read())[j])
+        return np.stack([t.from_hf(self.entries[t.name].read())[j] for t, j in parts])  # per-expert tensors
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -361,14 +541,13 @@ def write_hf(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype:
     dt = None if dtype is None else np_dtype(dtype)
     if num_shards < 1:
         raise ConvertError(f"num_shards must be ≥ 1, got {num_shards}.")
-    plan = [(hf_name(k), k, dt or src.dtype(k)) for k in src.order()]
-    shapes = {k: hf_shape(cfg, k) for _, k, _ in plan}
-    sizes = [int(np.prod(shapes[k])) * t.itemsize for _, k, t in plan]
+    plan = [(t.name, t, dt or src.dtype(t.keys[0])) for t in hf_tensors(cfg, src.order())]
+    sizes = [int(np.prod(t.shape)) * d.itemsize for _, t, d in plan]
     groups = _balanced_groups(sizes, num_shards) if num_shards > 1 else [0] * len(plan)
     files = (["model.safetensors"] if num_shards == 1 else
              [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)])
     dts = {t for _, _, t in plan}
-    config = hf_config(cfg, dtype_name(next(iter(dts))) if len(dts) == 1 else "float32")
+    config = family_config(cfg, dtype_name(next(iter(dts))) if len(dts) == 1 else "float32")
     with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if num_shards > 1:
@@ -377,12 +556,16 @@ def write_hf(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for g, fname in enumerate(files):
             items = [(p, gi) for p, gi in zip(plan, groups) if gi == g]
-            w = SafetensorsWriter(tmp / fname, [(name, shapes[k], t) for (name, k, t), _ in items])
+            w = SafetensorsWriter(tmp / fname, [(name, t.shape, d) for (name, t, d), _ in items])
+            held: dict[Key, np.ndarray] = {}  # the parameters the last tensor used (Mixtral's experts share one)
             try:
-                for (name, k, t), _ in items:
-                    x = cast(to_hf(cfg, k, src.read(k)), t)
+                for (name, t, d), _ in items:
+                    held = {k: v for k, v in held.items() if k in t.keys}  # drop what this tensor does not use
+                    held.update({k: src.read(k) for k in t.keys if k not in held})
+                    x = cast(t.to_hf([held[k] for k in t.keys]), d)
                     w.write(name, x)
                     del x
+                held.clear()
                 w.close()
             except BaseException:
                 w.abort()

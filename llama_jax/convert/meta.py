@@ -238,9 +238,19 @@ def config_from_params(p: dict[str, Any], *, vocab_size: int, tied: bool, locati
         raise ConvertError(f"{location}: {e}") from None
 
 
+# The LlamaConfig fields of Mistral, Mixtral and Llama 4 at their dense LLaMA values.
+_DENSE_DEFAULTS = dict(n_experts=0, experts_per_token=1, moe_router="softmax", moe_shared_expert=False, moe_interleave=1,
+                       moe_hidden=None, router_aux_loss_coef=0.0, router_z_loss_coef=0.0, sliding_window=None,
+                       attention_chunk_size=None, nope_interval=None, qk_norm=False, attn_temperature_tuning=False)
+
+
 def params_json(cfg: LlamaConfig) -> dict[str, Any]:
     """The params.json of `cfg`, with only the keys each official generation of Meta's code accepts
     (optional keys appear only when they differ from the default, as in Meta's own files)."""
+    if cfg != cfg.replace(**{k: v for k, v in _DENSE_DEFAULTS.items()}):
+        raise ConvertError("Meta's consolidated format (params.json) here holds dense LLaMA 1–3 models only; this "
+                           "config has experts, a sliding window, chunked or NoPE attention or QK norm. Save it as "
+                           "format 'hf' or 'orbax'.")
     rule = ffn_rule(cfg.dim, cfg.ffn_hidden, (cfg.multiple_of, cfg.ffn_dim_multiplier))
     if rule is None:
         raise ConvertError(f"ffn_hidden={cfg.ffn_hidden} cannot be expressed with Meta's sizing rule "

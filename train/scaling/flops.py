@@ -15,7 +15,14 @@ Three counts, each for a different question:
 Architecture arguments are any object or mapping with the `LlamaConfig` field names: `dim`, `n_layers`,
 `n_heads`, `n_kv_heads` (default `n_heads`), `head_dim` (default `dim // n_heads`), `ffn_hidden`
 (default: Meta's rule from `multiple_of`/`ffn_dim_multiplier`), `vocab_size`, `tie_embeddings`
-(default False). Nothing here imports JAX or the model (only the pure-Python `llama_jax.config`).
+(default False), and for mixture-of-experts models `n_experts`, `experts_per_token`, `moe_hidden`,
+`moe_interleave`, `moe_shared_expert`. Nothing here imports JAX or the model (only the pure-Python
+`llama_jax.config`).
+
+Mixture of experts: a token passes through only `experts_per_token` of the routed experts, so every
+count that stands for work per token — `ParamCounts.active`, `.matmul` (MFU), `.non_embedding` — leaves
+the unused experts out, and the scaling toolkit's N (in C = 6·N·D) is the active count; `.total` keeps
+every expert (memory). For dense models active = total.
 """
 
 from __future__ import annotations
@@ -70,6 +77,11 @@ class Arch:
     ffn_hidden: int
     vocab_size: int
     tie_embeddings: bool = False
+    n_experts: int = 0  # routed experts per MoE layer (0: dense)
+    experts_per_token: int = 1
+    expert_hidden: int = 0  # width of each routed (and the shared) expert
+    n_moe_layers: int = 0
+    shared_expert: bool = False
 
 
 def arch(cfg: Any) -> Arch:
@@ -86,7 +98,14 @@ def arch(cfg: Any) -> Arch:
     ffn = get("ffn_hidden")
     if ffn is None:
         ffn = meta_ffn_hidden(dim, int(get("multiple_of", 256) or 256), get("ffn_dim_multiplier"))
+    n_experts, interleave = int(get("n_experts", 0) or 0), int(get("moe_interleave", 1) or 1)
+    n_layers = int(get("n_layers"))
     return Arch(
+        n_experts=n_experts,
+        experts_per_token=int(get("experts_per_token", 1) or 1),
+        expert_hidden=int(get("moe_hidden") or ffn),
+        n_moe_layers=sum((i + 1) % interleave == 0 for i in range(n_layers)) if n_experts else 0,
+        shared_expert=bool(get("moe_shared_expert", False)),
         dim=dim,
         n_layers=int(get("n_layers")),
         n_heads=n_heads,
@@ -109,18 +128,24 @@ class ParamCounts:
     mlp: int  # all layers
     norms: int  # 2 RMSNorm scales per layer + the final norm
     total: int
+    inactive: int = 0  # routed experts a token does not use (MoE): (E - k) per MoE layer
+
+    @property
+    def active(self) -> int:
+        """Parameters that touch each token: total minus the unused routed experts (= total when dense)."""
+        return self.total - self.inactive
 
     @property
     def non_embedding(self) -> int:
-        """Total minus every vocabulary matrix (lookup table and output projection): Kaplan et al.'s N,
-        the size of the transformer body."""
-        return self.total - self.embedding - self.output
+        """Active total minus every vocabulary matrix (lookup table and output projection): Kaplan et
+        al.'s N, the size of the transformer body."""
+        return self.active - self.embedding - self.output
 
     @property
     def matmul(self) -> int:
-        """Parameters used in a matmul every token: all but the lookup table (a gather); the logits
-        projection counts once whether or not it is tied to the table."""
-        return self.total - self.embedding + (self.embedding if self.output == 0 else 0)
+        """Parameters used in a matmul every token: all active ones but the lookup table (a gather); the
+        logits projection counts once whether or not it is tied to the table."""
+        return self.active - self.embedding + (self.embedding if self.output == 0 else 0)
 
 
 def param_counts(cfg: Any) -> ParamCounts:
@@ -131,13 +156,17 @@ def param_counts(cfg: Any) -> ParamCounts:
     embedding = a.vocab_size * d
     output = 0 if a.tie_embeddings else d * a.vocab_size
     attention = a.n_layers * (d * nq + 2 * d * kq + nq * d)
-    mlp = a.n_layers * 3 * d * a.ffn_hidden
+    expert = 3 * d * a.expert_hidden
+    moe_layer = a.n_experts * expert + d * a.n_experts + (expert if a.shared_expert else 0)  # experts, router
+    mlp = (a.n_layers - a.n_moe_layers) * 3 * d * a.ffn_hidden + a.n_moe_layers * moe_layer
+    inactive = a.n_moe_layers * (a.n_experts - a.experts_per_token) * expert
     norms = a.n_layers * 2 * d + d
-    return ParamCounts(embedding, output, attention, mlp, norms, embedding + output + attention + mlp + norms)
+    return ParamCounts(embedding, output, attention, mlp, norms, embedding + output + attention + mlp + norms,
+                       inactive)
 
 
 def param_count(cfg: Any) -> int:
-    """Total parameters (the N of Chinchilla)."""
+    """Total parameters (the N of Chinchilla; every expert of a MoE model)."""
     return param_counts(cfg).total
 
 

@@ -96,10 +96,11 @@ def candidate_dims(max_dim: int = MAX_DIM) -> list[int]:
 
 
 def count(cfg: dict[str, Any], which: str = "non_embedding") -> int:
-    """`total` (Chinchilla's N) or `non_embedding` (Kaplan's N) parameters of a config dict."""
+    """`total` (Chinchilla's N) or `non_embedding` (Kaplan's N) parameters of a config dict; for a MoE
+    model both count the experts a token uses (active), the N of C = 6·N·D."""
     pc = param_counts(cfg)
     if which == "total":
-        return pc.total
+        return pc.active
     if which == "non_embedding":
         return pc.non_embedding
     raise ValueError(f"parameter count {which!r} is not one of 'total', 'non_embedding'.")

@@ -160,7 +160,7 @@ def plan_sweep(
     for c in sorted(budgets):
         for cfg in models:
             pc = param_counts(cfg)
-            n = pc.total if count == "total" else pc.non_embedding
+            n = pc.active if count == "total" else pc.non_embedding  # active: a MoE model's per-token N
             d_planned = c / (6.0 * n)
             bsz = batch_size or batch_for(c, seq_len)
             while batch_size is None and bsz > 1 and d_planned / (bsz * seq_len) < min_steps:
