@@ -38,6 +38,8 @@ Array = jax.Array
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> Array:
     """A weight initialised N(0, std²), stored in the config's param dtype, tagged with logical axes."""
+    if module.has_variable("params", name) and hasattr(stored := module.get_variable("params", name), "project"):
+        return stored  # a weight object (llama_jax/lora.py, nf4.py) stands in for the array; `linear` uses it
     init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
     return module.param(name, init, shape, jnp.dtype(module.cfg.param_dtype))
 
@@ -47,6 +49,8 @@ def linear(eq: str, x: Array, w: Array) -> Array:
 
     Every weight matmul of the model goes through here: one place decides how the contraction is
     handed to the compiler."""
+    if hasattr(w, "project"):  # LoRA / NF4 weight objects compute their own product (llama_jax/lora.py)
+        return w.project(eq, x)
     return jnp.einsum(eq, x, w.astype(x.dtype))
 
 

@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA factors: A (inputs..., r), B (r, outputs...) split like their kernel
 )
 
 
