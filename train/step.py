@@ -230,7 +230,8 @@ def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Arra
     if lora is not None:
         from llama_jax.lora import init_factors
 
-        factors = init_factors(jax.random.fold_in(key, 1), params, lora.targets, lora.rank, lora.init_std)
+        factors = init_factors(jax.random.fold_in(key, 1), params, lora.targets, lora.rank, lora.init_std,
+                               dtype=jnp.dtype(cfg.param_dtype))
         return TrainState(step=jnp.zeros((), jnp.int32), params=factors, opt_state=tx.init(factors),
                           frozen=lora_base(cfg, lora, params))
     # The optimizer state mirrors the parameters' boxes, so its moments get the same shardings.
