@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--template",
         choices=("llama2", "llama3", "llama4"),
-        help="chat template for --format messages (default: from the tokenizer: Llama 3 ids -> llama3, else llama2)",
+        help="chat template for --format messages (default: from the tokenizer: Llama 3 ids -> llama3, else "
+        "llama2); with --format alpaca, render each example as a user turn and the answer in this template "
+        "instead of Alpaca's prompt",
     )
     parser.add_argument(
         "--split-blank-lines",

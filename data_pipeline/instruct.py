@@ -8,7 +8,9 @@ Record formats (one JSON object a line):
   prompt's own token count; with a byte-level BPE the two can merge at the join ("Response:The" is one
   Llama 3 piece), so its mask can cut into the answer. Encoding them apart keeps the mask exact and the
   training tokens equal to what the model reads and writes at generation time. The Self-Instruct layout `{"instruction", "instances": [{"input", "output"}, ...]}` is read
-  in the same format: one example per instance.
+  in the same format: one example per instance. With a chat template named (`--template`), an example
+  is instead one user turn (the instruction, a blank line, the input) and the assistant's answer in that
+  template, so the model learns the format `generate --chat` speaks.
 - `messages`: `{"messages": [{"role", "content"}, ...]}` (system / user / assistant, multi-turn), encoded
   with a chat template of `llama_jax.chat`; the loss covers the assistant turns and their end of turn.
 
@@ -83,6 +85,10 @@ def record_examples(tok: Any, record: Any, record_format: str, template: str | N
                 skipped["missing_field"] += 1
             elif not out.strip():
                 skipped["empty"] += 1
+            elif template:  # one user turn (instruction, then the input) and the answer, in a chat template
+                user = instruction + (f"\n\n{inp}" if inp else "")
+                yield encode_dialog(tok, [{"role": "user", "content": user}, {"role": "assistant", "content": out}],
+                                    template)
             else:
                 yield alpaca_example(tok, instruction, inp, out)
     elif record_format == "messages":

@@ -34,16 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax.convert import ConvertError, convert, detect_format
+    from llama_jax.convert import ConvertError
 
     t0 = time.perf_counter()
-    if args.to == "peft" or args.merge_lora:
-        return _lora(args, t0)
     try:
-        fmt = detect_format(args.src)
-        print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
-        out = convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
-                      scan_layers=args.scan_layers)
+        out = _lora(args) if args.to == "peft" or args.merge_lora else _convert(args)
     except ConvertError as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
@@ -51,27 +46,30 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lora(args: argparse.Namespace, t0: float) -> int:
+def _convert(args: argparse.Namespace):
+    from llama_jax.convert import convert, detect_format
+
+    fmt = detect_format(args.src)
+    print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
+    return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
+                   scan_layers=args.scan_layers)
+
+
+def _lora(args: argparse.Namespace):
+    """A LoRA run's adapter (--to peft) or base + adapter merged; a peft directory merged into its base."""
     from pathlib import Path
 
     from llama_jax.convert import ConvertError, load, save
     from llama_jax.convert.peft import is_peft
 
-    try:
-        if is_peft(args.src):
-            if args.to == "peft":
-                raise ConvertError(f"{args.src} is already a peft adapter.")
-            cfg, params = load(args.src, base=args.base)
-            out = save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
-        elif not Path(args.src).exists():
-            raise ConvertError(f"{args.src}: no such file or directory.")
-        else:
-            from train.adapters import export
+    if is_peft(args.src):
+        if args.to == "peft":
+            raise ConvertError(f"{args.src} is already a peft adapter.")
+        cfg, params = load(args.src, base=args.base)
+        return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
+    if not Path(args.src).exists():
+        raise ConvertError(f"{args.src}: no such file or directory.")
+    from train.adapters import export
 
-            out = export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
-                         num_shards=args.num_shards)
-    except ConvertError as e:
-        print(f"llama-jax convert: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
+    return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
+                  num_shards=args.num_shards)
