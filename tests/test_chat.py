@@ -171,3 +171,40 @@ def test_bad_dialogs_are_one_sentence(shared_data):
         encode_dialog(tok, [{"role": "robot", "content": "a"}], "llama2")
     with pytest.raises(ValueError, match="unknown chat template"):
         encode_dialog(tok, DIALOGS["single"], "chatml")
+
+
+def test_end_of_turn_ids(llama3_pair, shared_data):
+    from llama_jax.chat import default_template, end_of_turn_ids
+
+    tok, _ = llama3_pair
+    assert default_template(tok) == "llama3"
+    assert end_of_turn_ids(tok, "llama3") == {tok.special_tokens["<|eot_id|>"], tok.eos_id}
+    sp = load_tokenizer(shared_data / "tokenizers/llama2/tokenizer.model")
+    assert default_template(sp) == "llama2" and end_of_turn_ids(sp, "llama2") == {sp.eos_id}
+
+
+def test_generate_chat_cli(shared_data, tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+
+    from llama_jax import Llama
+    from llama_jax.config import PRESETS
+    from llama_jax.convert import save
+    from llama_jax.generate_cli import add_arguments, main
+
+    cfg = PRESETS["tiny"].replace(vocab_size=32000)
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    save(cfg, params, tmp_path / "m", format="hf")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    tok = str(shared_data / "tokenizers/llama2/tokenizer.model")
+    args = parser.parse_args([str(tmp_path / "m"), "--tokenizer", tok, "--chat", "--system", "Be brief.",
+                              "--prompt", "Hi there", "--max-new-tokens", "3"])
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "[INST]" not in out.out and "new tokens for 1 prompt" in out.err
+    bad = parser.parse_args([str(tmp_path / "m"), "--tokenizer", tok, "--system", "x", "--prompt", "Hi"])
+    assert main(bad) == 2 and "--system and --template go with --chat" in capsys.readouterr().err
