@@ -17,6 +17,7 @@ BENCHMARKS = {
     "data": ("bench.bench_data", "args"),
     "ops": ("bench.ops", "args"),
     "scaling-fit": ("bench.bench_scaling_fit", "argv"),
+    "lora": ("bench.bench_lora", "args"),
 }
 
 

@@ -6,7 +6,10 @@ import argparse
 import sys
 
 HELP = "tokenize text/JSONL/Parquet inputs into ArrayRecord shards + manifest.json for training"
-EXAMPLE = "llama-jax prepare data/*.jsonl.zst --text-field text --tokenizer llama2/tokenizer.model --output data/prepared"
+EXAMPLE = (
+    "llama-jax prepare data/*.jsonl.zst --text-field text --tokenizer llama2/tokenizer.model --output data/prepared\n"
+    "  llama-jax prepare seed_tasks.jsonl --format alpaca --tokenizer llama3/tokenizer.model --output data/sft"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer-sample-mb", type=float, default=256, metavar="MB", help="input text used to train the tokenizer (default 256)"
     )
     parser.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text; a.b for nested (default text)")
-    parser.add_argument("--format", dest="fmt", choices=("text", "jsonl", "parquet"), help="override the format for every input")
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("text", "jsonl", "parquet", "alpaca", "messages"),
+        help="override the format for every input; alpaca (instruction/input/output, or Self-Instruct's "
+        "instruction/instances) and messages (chat: [{role, content}]) read JSONL records into fine-tuning "
+        "examples with a loss mask on the responses",
+    )
+    parser.add_argument(
+        "--template",
+        choices=("llama2", "llama3", "llama4"),
+        help="chat template for --format messages (default: from the tokenizer: Llama 3 ids -> llama3, else "
+        "llama2); with --format alpaca, render each example as a user turn and the answer in this template "
+        "instead of Alpaca's prompt",
+    )
     parser.add_argument(
         "--split-blank-lines",
         action="store_true",
@@ -73,7 +90,9 @@ def main(args: argparse.Namespace) -> int:
             args.tokenizer,
             text_field=args.text_field,
             split_blank_lines=args.split_blank_lines,
-            fmt=args.fmt,
+            fmt=None if args.fmt in ("alpaca", "messages") else args.fmt,
+            record_format=args.fmt if args.fmt in ("alpaca", "messages") else "text",
+            template=args.template,
             train_tokenizer=args.train_tokenizer,
             vocab_size=args.vocab_size,
             tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6),

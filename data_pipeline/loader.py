@@ -11,6 +11,8 @@ The trainer's entry point:
         positions    (b, seq_len) int32    position within the document's piece in the row (from 0)
         loss_mask    (b, seq_len) float32  1 where the target is a real token of the same document
                                            (0 on padding and where the target starts the next document)
+                                           and, for instruction/chat data (`prepare --format alpaca|
+                                           messages`), where the target token is a response token
         source       (b,) int32            index of the mixture component (only with return_source=True)
     state = loader.get_state()    # small JSON-serialisable dict; loader.set_state(state) resumes exactly
 
@@ -209,6 +211,19 @@ class PreparedData:
         self._shard_starts = np.cumsum([0] + [s["documents"] for s in shards])
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
+        # Instruction/chat data: one loss-mask byte per token, per shard in token order (memory-mapped).
+        self.has_masks = bool(self.manifest.get("loss_masks"))
+        self._masks = []
+        if self.has_masks:
+            for s, n in zip(shards, np.diff(self._shard_starts)):
+                mp = Path(path) / s.get("masks", "")
+                if "masks" not in s or not mp.is_file():
+                    raise FileNotFoundError(f"prepared directory {path} is missing the loss masks of {s['file']}")
+                m = np.load(mp, mmap_mode="r")
+                first = self._shard_starts[len(self._masks)]
+                if len(m) != self._token_starts[first + n] - self._token_starts[first]:
+                    raise ValueError(f"{mp} has {len(m)} masks; the shard has {s['tokens']} tokens")
+                self._masks.append(m)
 
     def _reader(self, shard: int):
         # One reader per shard, opened on first use; ArrayRecord readers are safe to share between threads.
@@ -241,6 +256,15 @@ class PreparedData:
             end = begin + self.lengths[ids[sel]]
             for i, k, b, e in zip(sel.tolist(), which.tolist(), begin.tolist(), end.tolist()):
                 out[i] = records[k][b:e]
+        return out
+
+    def read_masks(self, doc_ids: Sequence[int]) -> list[np.ndarray]:
+        """The loss masks (uint8, 1 = a response token) of the given documents' tokens."""
+        out = []
+        for d in np.asarray(doc_ids, np.int64).tolist():
+            shard = int(np.searchsorted(self._shard_starts, d, side="right") - 1)
+            at = self._token_starts[d] - self._token_starts[self._shard_starts[shard]]
+            out.append(self._masks[shard][at : at + self.lengths[d]])
         return out
 
     def split(self, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -322,8 +346,10 @@ class PackedWindows(grain.MapDataset):
         all_spans = self.spans_of(indices)
         wanted = sorted({doc for spans in all_spans for doc, _, _ in spans})
         docs = dict(zip(wanted, self._data.read(wanted)))
+        masks = dict(zip(wanted, self._data.read_masks(wanted))) if self._data.has_masks else None
         n, w = len(all_spans), self._window
         tokens = np.zeros((n, w), np.int32)
+        learn = np.ones((n, w), np.uint8)
         segment_ids = np.zeros((n, w), np.int32)
         positions = np.zeros((n, w), np.int32)
         ramp = np.arange(w, dtype=np.int32)
@@ -331,11 +357,14 @@ class PackedWindows(grain.MapDataset):
             at = 0
             for seg, (doc, a, b) in enumerate(spans, 1):
                 tokens[r, at : at + b - a] = docs[doc][a:b]
+                if masks is not None:
+                    learn[r, at : at + b - a] = masks[doc][a:b]
                 segment_ids[r, at : at + b - a] = seg
                 positions[r, at : at + b - a] = ramp[: b - a]
                 at += b - a
         return [
-            {"tokens": tokens[r], "segment_ids": segment_ids[r], "positions": positions[r], "source": self._source_index}
+            {"tokens": tokens[r], "segment_ids": segment_ids[r], "positions": positions[r], "learn": learn[r],
+             "source": self._source_index}
             for r in range(n)
         ]
 
@@ -366,13 +395,15 @@ class _ProcessBatches(grain.MapDataset):
         tokens = np.stack([r["tokens"] for r in rows])
         seg = np.stack([r["segment_ids"] for r in rows])
         pos = np.stack([r["positions"] for r in rows])
+        learn = np.stack([r["learn"] for r in rows])
         seg_in = seg[:, :-1]
         batch = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "segment_ids": seg_in,
             "positions": pos[:, :-1],
-            "loss_mask": ((seg[:, 1:] == seg_in) & (seg_in != 0)).astype(np.float32),
+            # A target counts if it continues the document and (instruction data) is a response token.
+            "loss_mask": ((seg[:, 1:] == seg_in) & (seg_in != 0) & (learn[:, 1:] != 0)).astype(np.float32),
         }
         if self._return_source:
             batch["source"] = np.array([r["source"] for r in rows], np.int32)

@@ -13,6 +13,9 @@ Output directory layout:
                                    of other documents' tokens.
     shard-00000.lengths.npy        the token count of each document (the loader packs without reading)
     shard-00000.blocks.npy         the first document of each block, then the shard's document count
+    shard-00000.masks.npy          instruction/chat data only (`record_format` alpaca or messages): the loss
+                                   mask of every token of the shard, uint8, in the token stream's order
+                                   (1 on response tokens; see `data_pipeline.instruct`)
     .prepare-progress.jsonl        one line per finished shard (resume state); kept after completion
 
 The work is planned before it starts: the inputs (sorted) are cut into *units* of about `unit_bytes` of
@@ -86,6 +89,10 @@ def lengths_name(i: int) -> str:
 
 def blocks_name(i: int) -> str:
     return f"shard-{i:05d}.blocks.npy"
+
+
+def masks_name(i: int) -> str:
+    return f"shard-{i:05d}.masks.npy"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -165,10 +172,19 @@ def run_unit(
     errors: list[dict] = []
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     blocks = _Blocks(writer, dtype.itemsize)
+    record_format = options.get("record_format", "text")
+    masks: list[np.ndarray] = []
     try:
         for fi, start, end in pieces:
             stats = per_file.setdefault(fi, {"documents": 0, "tokens": 0, "skipped": Counter()})
             skipped = stats["skipped"]
+            if record_format != "text":
+                for data, counts, mask in _example_batches(tok, files[fi], start, end, options, dtype, skipped):
+                    blocks.add(data, counts)
+                    masks.append(mask)
+                    stats["documents"] += len(counts)
+                    stats["tokens"] += int(counts.sum())
+                continue
             # The innermost loop of data preparation: one tokenizer call per document, and per batch of
             # documents one join and a few numpy calls; no Python bytecode runs per document.
             for docs in iter_document_batches(
@@ -196,7 +212,10 @@ def run_unit(
     shard = None
     if len(lengths):
         # index files first, the shard last: a shard file under its final name always has its index.
-        for name, arr in ((lengths_name(index), lengths), (blocks_name(index), block_starts)):
+        index_files = [(lengths_name(index), lengths), (blocks_name(index), block_starts)]
+        if record_format != "text":
+            index_files.append((masks_name(index), np.concatenate(masks)))
+        for name, arr in index_files:
             itmp = out / f"{name}.tmp.{os.getpid()}"
             with open(itmp, "wb") as fh:
                 np.save(fh, arr)
@@ -217,6 +236,22 @@ def run_unit(
         },
         "errors": errors,
     }
+
+
+def _example_batches(tok, f: InputFile, start: int, end: int | None, options: dict, dtype, skipped: Counter,
+                     batch: int = 256):
+    """Instruction/chat records of one JSONL piece as (token bytes, counts, masks) per batch of examples."""
+    from data_pipeline.instruct import encode_examples, record_examples
+    from data_pipeline.sources import _jsonl_lines, _jsonl_records
+
+    examples: list = []
+    for record in _jsonl_records(_jsonl_lines(f, start, end), skipped):
+        examples.extend(record_examples(tok, record, options["record_format"], options.get("template"), skipped))
+        if len(examples) >= batch:
+            yield encode_examples(examples, dtype)
+            examples = []
+    if examples:
+        yield encode_examples(examples, dtype)
 
 
 def _is_utf8(text: str) -> bool:
@@ -338,7 +373,7 @@ def _read_progress(path: Path) -> tuple[str | None, dict[int, dict]]:
 
 
 def _clear_outputs(out: Path) -> None:
-    for pattern in ("shard-*.array_record", "shard-*.lengths.npy", "shard-*.blocks.npy", "shard-*.tmp.*", MANIFEST, PROGRESS):
+    for pattern in ("shard-*.array_record", "shard-*.lengths.npy", "shard-*.blocks.npy", "shard-*.masks.npy", "shard-*.tmp.*", MANIFEST, PROGRESS):
         for p in out.glob(pattern):
             p.unlink()
 
@@ -388,6 +423,8 @@ def prepare(
     text_field: str = "text",
     split_blank_lines: bool = False,
     fmt: str | None = None,
+    record_format: str = "text",
+    template: str | None = None,
     train_tokenizer: bool = False,
     vocab_size: int | None = None,
     tokenizer_sample_bytes: int = 256 << 20,
@@ -401,6 +438,8 @@ def prepare(
     """Tokenize `inputs` into `output`; returns the manifest (see the module docstring).
 
     `max_units` stops after that many units, as an interrupted run would (for tests and staged runs).
+    `record_format` "alpaca" or "messages" reads JSONL instruction/chat records into examples with a loss
+    mask (`data_pipeline.instruct`; `template` names the chat template, default from the tokenizer).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if train_tokenizer == (tokenizer is not None):
@@ -412,9 +451,13 @@ def prepare(
     files = expand_inputs(inputs, fmt)
     if not files:
         raise ValueError("no inputs given")
-    for f in files:
-        check_input(f, text_field)
     options = {"text_field": text_field, "split_blank_lines": bool(split_blank_lines), "format": fmt}
+    if record_format != "text":
+        _check_records(files, record_format, template, train_tokenizer)
+        options.update(record_format=record_format, template=template)
+    else:
+        for f in files:
+            check_input(f, text_field)
     with _locked(out):
         hashes = hash_files(files, workers=min(8, os.cpu_count() or 1))
         if train_tokenizer:
@@ -516,6 +559,22 @@ def prepare(
         return manifest
 
 
+def _check_records(files: Sequence[InputFile], record_format: str, template: str | None, train_tokenizer: bool) -> None:
+    from data_pipeline.instruct import RECORD_FORMATS
+    from llama_jax.chat import TEMPLATES
+
+    if record_format not in RECORD_FORMATS:
+        raise ValueError(f"record format {record_format!r} is unknown; expected one of {', '.join(RECORD_FORMATS)}")
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"chat template {template!r} is unknown; expected one of {', '.join(TEMPLATES)}")
+    if train_tokenizer:
+        raise ValueError(f"--format {record_format} needs the model's own tokenizer (--tokenizer FILE), not a new one")
+    for f in files:
+        if f.format != "jsonl":
+            raise ValueError(f"input {f.path}: --format {record_format} reads JSONL records (one JSON object a line), "
+                             f"not {f.format}")
+
+
 class _progress_bar:
     """tqdm over tokens (so it shows tokens/s), with the share of input bytes done as a postfix."""
 
@@ -549,6 +608,8 @@ def _build_manifest(files, hashes, tok, units, done, options, unit_bytes, finger
             shards.append(
                 {"file": rec["shard"], "lengths": lengths_name(i), "blocks": blocks_name(i), "documents": rec["documents"], "tokens": rec["tokens"]}
             )
+            if options.get("record_format", "text") != "text":
+                shards[-1]["masks"] = masks_name(i)
         for fi, s in rec["files"].items():
             acc = per_file[int(fi)]
             acc["documents"] += s["documents"]
@@ -573,7 +634,8 @@ def _build_manifest(files, hashes, tok, units, done, options, unit_bytes, finger
             "eos_id": tok.eos_id,
             "pad_id": tok.pad_id,
         },
-        "bos_eos_per_document": True,
+        "bos_eos_per_document": options.get("record_format", "text") == "text",
+        **({"record_format": options["record_format"], "loss_masks": True} if options.get("record_format", "text") != "text" else {}),
         "shards": shards,
         "sources": [
             {

@@ -11,7 +11,9 @@ HELP = "continue text prompts with a checkpoint (greedy or temperature / top-k /
 EXAMPLE = ("llama-jax generate /models/llama2-7b --tokenizer /models/llama2-7b/tokenizer.model "
            "--prompt 'The capital of France is' --max-new-tokens 32\n"
            "  llama-jax generate ckpt/ --tokenizer tokenizer.model --prompt 'Once upon a time' --prompt 'def fib(n):' "
-           "--temperature 0.8 --top-p 0.95 --seed 1 --dtype bfloat16")
+           "--temperature 0.8 --top-p 0.95 --seed 1 --dtype bfloat16\n"
+           "  llama-jax generate Meta-Llama-3-8B-Instruct/ --tokenizer Meta-Llama-3-8B-Instruct/tokenizer.model --chat "
+           "--system 'Answer briefly.' --prompt 'Name three primes.'")
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -32,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="sample only from the smallest set of most likely tokens with probability ≥ P")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="PRNG seed for sampling (default 0)")
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt is a user message: format it with the model's chat template "
+                             "(Llama 2-Chat [INST], Llama 3 headers) and stop at the end of the assistant's turn")
+    parser.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
+    parser.add_argument("--template", choices=("llama2", "llama3", "llama4"), default=None,
+                        help="with --chat: the chat template (default: from the tokenizer)")
     parser.add_argument("--dtype", choices=_DTYPES, default=None, metavar="D",
                         help=f"compute dtype, one of {', '.join(_DTYPES)} (default: the checkpoint's)")
 
@@ -67,13 +75,30 @@ def _run(args: argparse.Namespace) -> int:
     # Run in whichever layer layout the weights are stored in (stacked `layers` or `layers_0`, ...).
     cfg = cfg.replace(scan_layers="layers" in params, remat="none", **({"dtype": args.dtype} if args.dtype else {}))
 
-    prompts = [tok.encode(text, bos=tok.bos_id >= 0, eos=False) for text in args.prompt]
+    stop_ids = tok.stop_ids
+    if args.chat:
+        from llama_jax.chat import default_template, encode_dialog, end_of_turn_ids
+
+        template = args.template or default_template(tok)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [encode_dialog(tok, system + [{"role": "user", "content": text}], template,
+                                 add_generation_prompt=True)[0] for text in args.prompt]
+        stop_ids = end_of_turn_ids(tok, template)
+    elif args.system or args.template:
+        raise ValueError("--system and --template go with --chat.")
+    else:
+        prompts = [tok.encode(text, bos=tok.bos_id >= 0, eos=False) for text in args.prompt]
     start = time.perf_counter()
     outs = generate(cfg, params, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    stop_ids=tuple(sorted(tok.stop_ids)))
+                    stop_ids=tuple(sorted(stop_ids)))
     seconds = time.perf_counter() - start
     for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outs)):
+        if args.chat:  # the assistant's answer alone, without its end-of-turn token
+            if i:
+                print("\n" + "-" * 40)
+            print(tok.decode([t for t in new if t not in stop_ids]), flush=True)
+            continue
         # Decode prompt + continuation together and cut the prompt's text off, so a continuation that
         # starts a new word keeps its leading space (SentencePiece drops it when decoding a piece alone).
         prompt_text = tok.decode(ids)

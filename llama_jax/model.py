@@ -40,6 +40,8 @@ Array = jax.Array
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> Array:
     """A weight initialised N(0, std²), stored in the config's param dtype, tagged with logical axes."""
+    if module.has_variable("params", name) and hasattr(stored := module.get_variable("params", name), "project"):
+        return stored  # a weight object (llama_jax/lora.py, nf4.py) stands in for the array; `linear` uses it
     init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
     return module.param(name, init, shape, jnp.dtype(module.cfg.param_dtype))
 
@@ -52,6 +54,8 @@ def linear(eq: str, x: Array, w: Array) -> Array:
     with x's other axes (B, T) flattened into rows: differentiating a 3-D einsum, XLA:CPU transposes
     the (B, T, F) gradients into copies before the weight-gradient GEMM, which costs the feed-forward
     block about a third of its backward pass (`llama-jax bench ops` measures the parts)."""
+    if hasattr(w, "project"):  # LoRA / NF4 weight objects compute their own product (llama_jax/lora.py)
+        return w.project(eq, x)
     return _as_matmul(eq, x, w.astype(x.dtype))
 
 

@@ -11,6 +11,8 @@ A run config has these sections (every key optional except where noted):
     logging:     log_every, tensorboard, progress
     distributed: initialize, coordinator_address, num_processes, process_id, initialization_timeout
     run_dir:     where config.yaml, metrics.jsonl, checkpoints/ and TensorBoard events go (required)
+    lora:        rank, alpha, dropout, targets, rslora, init_std, quantize, base_dtype — fine-tune low-rank
+                 adapters on frozen base weights (`train.init_from`) instead of every parameter (optional)
 
 Unknown keys are errors naming the nearest valid key. `load_config` returns a `RunConfig` whose
 `to_dict()` is the fully resolved config that the trainer writes to `run_dir/config.yaml`; loading that
@@ -117,6 +119,26 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    dropout: float = 0.0  # dropout on the adapter's input (peft's lora_dropout)
+    # The kernels to adapt: a list of wq, wk, wv, wo, w1, w2, w3, or a regular expression searched in paths
+    # such as "layers_3/attention/wq" (scanned models: "layers/attention/wq").
+    targets: Any = field(default_factory=lambda: ["wq", "wv"])
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski 2023)
+    init_std: float | None = None  # std of A's normal init; default 1 / rank
+    quantize: str = "none"  # "nf4": QLoRA, the frozen kernels stored in 4-bit NormalFloat
+    base_dtype: str | None = None  # dtype of the frozen base weights; default model.param_dtype
+
+    @property
+    def scale(self) -> float:
+        from llama_jax.lora import lora_scale
+
+        return lora_scale(self.alpha, self.rank, self.rslora)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: LlamaConfig
     run_dir: str
@@ -127,11 +149,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lora: LoraConfig | None = None  # None: full fine-tuning / pretraining
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model.to_dict(), "run_dir": self.run_dir}
         for f in dataclasses.fields(self):
-            if f.name not in out:
+            if f.name not in out and getattr(self, f.name) is not None:
                 out[f.name] = dataclasses.asdict(getattr(self, f.name))
         return out
 
@@ -147,7 +170,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig, "train": TrainConfig, "optim": OptimConfig, "mesh": MeshConfig,
     "checkpoint": CheckpointConfig, "logging": LoggingConfig, "distributed": DistributedConfig,
 }
-TOP_LEVEL = ["model", "run_dir", *SECTIONS]
+TOP_LEVEL = ["model", "run_dir", *SECTIONS, "lora"]
 
 
 def _nearest(key: str, valid: list[str]) -> str:
@@ -265,6 +288,8 @@ def from_dict(d: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError("config has no 'run_dir'; set where the run writes its outputs (or --set run_dir=DIR).")
     model = LlamaConfig.from_dict(d["model"])
     sections = {name: _build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()}
+    if d.get("lora") is not None:
+        sections["lora"] = _build_section(LoraConfig, d["lora"], "lora")
     optim = sections["optim"]
     if optim.decay_steps is None:
         sections["optim"] = dataclasses.replace(optim, decay_steps=sections["train"].steps)
@@ -340,6 +365,31 @@ def validate(cfg: RunConfig) -> None:
     _check(lg.progress in ("auto", "on", "off"), f"logging.progress must be auto, on or off, got {lg.progress!r}.")
     _check(cfg.distributed.initialize in ("auto", "always", "never"),
            f"distributed.initialize must be auto, always or never, got {cfg.distributed.initialize!r}.")
+    if cfg.lora is not None:
+        _validate_lora(cfg.lora)
     _check(cfg.distributed.initialization_timeout > 0,
            f"distributed.initialization_timeout must be positive (seconds), got "
            f"{cfg.distributed.initialization_timeout}.")
+
+
+def _validate_lora(lo: LoraConfig) -> None:
+    import re
+
+    from llama_jax.lora import KERNELS
+
+    _check(lo.rank > 0, f"lora.rank must be positive, got {lo.rank}.")
+    _check(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}.")
+    _check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}.")
+    _check(lo.init_std is None or lo.init_std > 0, f"lora.init_std must be positive, got {lo.init_std}.")
+    _check(lo.quantize in ("none", "nf4"), f"lora.quantize must be 'none' or 'nf4', got {lo.quantize!r}.")
+    _check(lo.base_dtype in (None, "float32", "bfloat16", "float16"),
+           f"lora.base_dtype must be float32, bfloat16 or float16, got {lo.base_dtype!r}.")
+    if isinstance(lo.targets, str):
+        try:
+            re.compile(lo.targets)
+        except re.error as e:
+            raise ConfigError(f"lora.targets {lo.targets!r} is not a regular expression: {e}.") from None
+    else:
+        _check(isinstance(lo.targets, list) and lo.targets and all(t in KERNELS for t in lo.targets),
+               f"lora.targets must be a non-empty list of {', '.join(KERNELS)} (or a regular expression), "
+               f"got {lo.targets!r}.")

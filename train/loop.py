@@ -100,7 +100,7 @@ def setup(cfg: RunConfig, devices: list | None = None) -> Setup:
     sh.check_batch(cfg.train.global_batch_size, cfg.train.micro_batches, mesh)
     tx = make_optimizer(cfg.optim)
     schedule = learning_rate_schedule(cfg.optim)
-    boxed = jax.eval_shape(partial(init_state, cfg.model, tx), jax.random.key(0))
+    boxed = jax.eval_shape(partial(init_state, cfg.model, tx, lora=cfg.lora), jax.random.key(0))
     state_shardings = sh.shardings_for(boxed, mesh)
     from flax.linen import meta
 
@@ -110,11 +110,12 @@ def setup(cfg: RunConfig, devices: list | None = None) -> Setup:
     t = cfg.train
     step_fn = make_train_step(cfg.model, tx, schedule, micro_batches=t.micro_batches, z_loss=t.z_loss,
                               loss_chunk=t.loss_chunk, skip_nonfinite=True, mesh=mesh,
-                              param_shardings=state_shardings.params)
+                              param_shardings=state_shardings.params, lora=cfg.lora, seed=t.seed)
     train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sh.replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(cfg.model, loss_chunk=t.loss_chunk, mesh=mesh),
-                        in_shardings=(state_shardings.params, batch_shardings), out_shardings=sh.replicated(mesh))
+    eval_step = jax.jit(make_eval_step(cfg.model, loss_chunk=t.loss_chunk, mesh=mesh, lora=cfg.lora),
+                        in_shardings=(state_shardings.params, batch_shardings, state_shardings.frozen),
+                        out_shardings=sh.replicated(mesh))
     data_block = sh.process_rows(mesh, t.global_batch_size)
     return Setup(cfg, mesh, tx, schedule, abstract_state, logical, state_shardings, batch_shardings, train_step,
                  eval_step, data_block)
@@ -124,8 +125,30 @@ def fresh_state(s: Setup) -> TrainState:
     """A new state born sharded: `jax.jit(init, out_shardings=...)`, nothing whole on one host."""
     from flax.linen import meta
 
-    init = jax.jit(lambda k: meta.unbox(init_state(s.cfg.model, s.tx, k)), out_shardings=s.state_shardings)
+    init = jax.jit(lambda k: meta.unbox(init_state(s.cfg.model, s.tx, k, s.cfg.lora)), out_shardings=s.state_shardings)
     return init(jax.random.key(s.cfg.train.seed))
+
+
+def lora_base_weights(s: Setup) -> Any:
+    """LoRA's frozen base, placed on its shardings: `train.init_from` (any format `load_weights` reads), or
+    the seed's random init (the same weights `fresh_state` made, so a resumed run gets them back)."""
+    from flax.linen import meta
+
+    from llama_jax.model import Llama
+    from train.step import lora_base
+
+    cfg, lo = s.cfg, s.cfg.lora
+    if not cfg.train.init_from:
+        init = jax.jit(lambda k: meta.unbox(lora_base(cfg.model, lo, Llama(cfg.model).init(k, jnp.zeros((1, 1), jnp.int32))["params"])),
+                       out_shardings=s.state_shardings.frozen)
+        return init(jax.random.key(cfg.train.seed))
+    dense = jax.eval_shape(lambda: jax.tree.map(lambda x: x.astype(lo.base_dtype or cfg.model.param_dtype),
+                                                Llama(cfg.model).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    params, _ = load_weights(cfg.train.init_from, cfg.model.replace(param_dtype=lo.base_dtype or cfg.model.param_dtype),
+                             meta.unbox(dense), sh.shardings_for(dense, s.mesh))
+    if lo.quantize == "none":
+        return params
+    return jax.jit(lambda p: lora_base(cfg.model, lo, p), out_shardings=s.state_shardings.frozen)(params)
 
 
 def load_weights(path: str, model: LlamaConfig, abstract_params: Any, shardings: Any) -> tuple[Any, LlamaConfig]:
@@ -179,14 +202,17 @@ def load_weights(path: str, model: LlamaConfig, abstract_params: Any, shardings:
 
 def state_from_pretrained(s: Setup, path: str) -> TrainState:
     """Step 0 with weights from `path` (see `load_weights`) and a fresh optimizer state: fine-tuning or
-    continued pretraining."""
+    continued pretraining. With LoRA the weights become the frozen base, and the factors start fresh."""
+    if s.cfg.lora is not None:
+        return fresh_state(s).replace(frozen=lora_base_weights(s))
     params, _ = load_weights(path, s.cfg.model, s.abstract_state.params, s.state_shardings.params)
     opt_init = jax.jit(s.tx.init, out_shardings=s.state_shardings.opt_state)
     step = jax.device_put(np.zeros((), np.int32), s.state_shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_init(params))
 
 
-def evaluate(s: Setup, params: Any, n_batches: int, process_block: tuple[int, int] | None = None) -> dict[str, Any]:
+def evaluate(s: Setup, params: Any, n_batches: int, process_block: tuple[int, int] | None = None,
+             frozen: Any = None) -> dict[str, Any]:
     """Held-out loss over the first `n_batches` batches of the eval stream (the same batches every time)."""
     cfg = s.cfg
     index, count = process_block or s.data_block
@@ -200,7 +226,8 @@ def evaluate(s: Setup, params: Any, n_batches: int, process_block: tuple[int, in
                 local = next(it)
             except StopIteration:
                 break
-            out = jax.device_get(s.eval_step(params, sh.global_batch(local, s.mesh, cfg.train.global_batch_size)))
+            out = jax.device_get(s.eval_step(params, sh.global_batch(local, s.mesh, cfg.train.global_batch_size),
+                                             frozen))
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
     finally:
@@ -257,6 +284,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_item, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings)
+        if cfg.lora is not None:  # checkpoints hold the adapters; the base comes from where it came from
+            state = state.replace(frozen=lora_base_weights(s))
         try:
             train_iter.set_state(ckpt_lib.pick_data_state(data_item, block_index, block_count))
         except ValueError as e:  # the data-loader refuses a state made for other data or settings
@@ -272,7 +301,12 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
         state = fresh_state(s)
         start = 0
 
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
+    counts = param_counts(s)
+    n_params = counts["total_params"]
+    if cfg.lora is not None:
+        say(f"LoRA rank {cfg.lora.rank} on {cfg.lora.targets}: {counts['trainable_params']:,} trainable of "
+            f"{counts['total_params']:,} parameters ({100 * counts['trainable_params'] / counts['total_params']:.3f}%)"
+            + ("; base in NF4" if cfg.lora.quantize == "nf4" else ""))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     fpt_causal = flops_per_token(cfg.model, cfg.data.seq_len, causal=True)
     peak = total_peak_flops(cfg.logging.peak_flops)
@@ -338,6 +372,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
                            "mfu": tps * fpt / peak if math.isfinite(tps) else None,
                            "mfu_causal": tps * fpt_causal / peak if math.isfinite(tps) else None,
                            "tokens": done * cfg.tokens_per_step}
+                    if done == start + 1:
+                        rec.update(counts)
                     if t.z_loss:
                         rec["z_loss"] = float(m["z_loss"])
                     if cfg.model.n_experts:  # dropless dispatch: no token is ever dropped
@@ -347,7 +383,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
                         rec["skipped"] = skipped
                     metrics.log(rec)
                 if t.eval_batches and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
-                    ev = evaluate(s, state.params, t.eval_batches)
+                    ev = evaluate(s, state.params, t.eval_batches, frozen=state.frozen)
                     if ev:
                         metrics.log({"step": done, **ev})
                     throughput = Throughput()  # evaluation time is not training throughput
@@ -367,6 +403,16 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     if status == EXIT_OK and saved_step == t.steps:
         say(f"done: {t.steps} steps; final checkpoint {ckpt.directory / str(t.steps)}")
     return status
+
+
+def param_counts(s: Setup) -> dict[str, int]:
+    """{"trainable_params", "total_params"}: what the optimizer updates, and the model's own count (for
+    LoRA: base + factors)."""
+    from llama_jax.model import count_params
+
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
+    total = trainable + (count_params(s.cfg.model) if s.cfg.lora is not None else 0)
+    return {"trainable_params": trainable, "total_params": total}
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
@@ -409,6 +455,12 @@ def dry_run(cfg: RunConfig, out=None) -> int:
     p = lambda text="": print(text, file=out)  # noqa: E731
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+    counts = param_counts(s)
+    if cfg.lora is not None:
+        n_params = counts["total_params"]
+        size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.2f}M"
+        size += (f" ({counts['trainable_params']:,} trainable: LoRA rank {cfg.lora.rank} on {cfg.lora.targets}"
+                 + (", base in NF4" if cfg.lora.quantize == "nf4" else "") + ")")
     p(f"dry run: {size} parameters, mesh {dict(s.mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s) ({jax.devices()[0].device_kind}); compiled in {compile_s:.1f}s")
     mem = step_memory(compiled)

@@ -48,6 +48,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("layers", None),
     ("expert", "expert"),  # dropped where the mesh has no `expert` axis
+    ("lora_rank", None),  # LoRA factors: A (inputs..., r), B (r, outputs...) split like their kernel
 )
 
 

@@ -11,6 +11,10 @@ The loss is the mean next-token cross-entropy over counted positions of the whol
 divided by the token count, so micro-batching and sharding never change the weighting of a token).
 Numerics: parameters stay float32 (the master copy), the model computes in `cfg.dtype` (bf16 on
 accelerators), logits and the loss are float32.
+
+LoRA (`lora` given): `state.params` holds only the adapter factors — the gradients, the optimizer state and
+the checkpoints cover those alone — and `state.frozen` the base weights (dense in `lora.base_dtype`, or NF4),
+which the step reads and never differentiates. `llama_jax.lora.attach` joins the two for the model.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken (including skipped non-finite ones)
-    params: Any
+    params: Any  # what is trained: every parameter, or (LoRA) the adapter factors
     opt_state: Any
+    frozen: Any = None  # LoRA: the base weights (not trained, not checkpointed: reloaded from their source)
 
 
 def chunked_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -122,10 +127,19 @@ def loss_sums(cfg: LlamaConfig, params: Any, batch: dict[str, jax.Array], loss_c
                                  loss_chunk)
 
 
+def model_params(params: Any, frozen: Any, lora: Any = None, key: jax.Array | None = None) -> Any:
+    """The tree `Llama.apply` takes: `params` itself, or (LoRA) the frozen base with the factors attached."""
+    if frozen is None:
+        return params
+    from llama_jax.lora import attach
+
+    return attach(frozen, params, lora.scale, lora.dropout, key)
+
+
 def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     micro_batches: int = 1, z_loss: float = 0.0, loss_chunk: int = 1024,
                     skip_nonfinite: bool = True, mesh: jax.sharding.Mesh | None = None,
-                    param_shardings: Any = None) -> Callable:
+                    param_shardings: Any = None, lora: Any = None, seed: int = 0) -> Callable:
     """The pure step function (not yet jitted; see `jit_train_step`).
 
     Gradient accumulation: the B rows are split into `micro_batches` slices of B/k rows, processed in a
@@ -141,11 +155,12 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
     the router z-loss (each the mean over MoE layers, weighted by each micro-batch's share of the tokens)
     and reports them with the per-expert load in the metrics."""
 
-    def objective(params, mb, counts):
+    def objective(params, frozen, mb, counts, key):
         n_tokens, n_routed = counts  # tokens counted by the loss; tokens routed (all but padding)
-        hidden, router = model_hidden(cfg, params, mb)
+        full = model_params(params, frozen, lora, key)
+        hidden, router = model_hidden(cfg, full, mb)
         weights = loss_weights(mb)
-        ce, z = chunked_cross_entropy(hidden, output_kernel(cfg, params), mb["targets"], weights, loss_chunk)
+        ce, z = chunked_cross_entropy(hidden, output_kernel(cfg, full), mb["targets"], weights, loss_chunk)
         total = (ce + z_loss * z) / n_tokens
         moe_terms = {}
         if router is not None:
@@ -167,8 +182,12 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
         with ctx_mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             n_tokens = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
             counts = (n_tokens, jnp.maximum(jnp.sum(batch["segment_ids"] != 0), 1).astype(jnp.float32))
+            # LoRA dropout: a key per step (and micro-batch), so a resumed run draws the same masks.
+            key = None
+            if lora is not None and lora.dropout > 0:
+                key = jax.random.fold_in(jax.random.key(seed), state.step)
             if micro_batches == 1:
-                (_, (ce, z, moe_terms)), grads = grad_fn(state.params, batch, counts)
+                (_, (ce, z, moe_terms)), grads = grad_fn(state.params, state.frozen, batch, counts, key)
             else:
                 def split(x):  # (B, ...) -> (k, B/k, ...), slice i = rows i, i+k, ...
                     x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
@@ -179,7 +198,10 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
 
                 def accumulate(carry, mb):
                     g_acc, ce_acc, z_acc, moe_acc = carry
-                    (_, (ce, z, moe_terms)), g = grad_fn(state.params, mb, counts)
+                    mb = dict(mb)
+                    i = mb.pop("micro_batch")
+                    mb_key = None if key is None else jax.random.fold_in(key, i)
+                    (_, (ce, z, moe_terms)), g = grad_fn(state.params, state.frozen, mb, counts, mb_key)
                     g_acc = constrain_like_params(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g))
                     return (g_acc, ce_acc + ce, z_acc + z, jax.tree.map(jnp.add, moe_acc, moe_terms)), None
 
@@ -189,7 +211,8 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
                             {"router_aux_loss": zero, "router_z_loss": zero,
                              "expert_load": jnp.zeros((cfg.n_experts,), jnp.float32)})
                 (grads, ce, z, moe_terms), _ = jax.lax.scan(accumulate, (zeros, zero, zero, moe_zero),
-                                                            {k: split(v) for k, v in batch.items()})
+                                                            {**{k: split(v) for k, v in batch.items()},
+                                                             "micro_batch": jnp.arange(micro_batches)})
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
             grad_norm = global_norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -209,27 +232,57 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
                 "finite": finite,
                 **moe_terms,
             }
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen), metrics
 
     return step
 
 
-def make_eval_step(cfg: LlamaConfig, *, loss_chunk: int = 1024, mesh: jax.sharding.Mesh | None = None) -> Callable:
-    """`eval_step(params, batch) -> {"loss_sum", "tokens"}` (sums, so batches can be pooled exactly)."""
+def make_eval_step(cfg: LlamaConfig, *, loss_chunk: int = 1024, mesh: jax.sharding.Mesh | None = None,
+                   lora: Any = None) -> Callable:
+    """`eval_step(params, batch, frozen=None) -> {"loss_sum", "tokens"}` (sums, so batches can be pooled
+    exactly); `frozen`: the LoRA base weights, when `params` are adapter factors."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, frozen=None):
         ctx_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else nullcontext()
         with ctx_mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-            ce, _ = loss_sums(cfg, params, batch, loss_chunk)
+            ce, _ = loss_sums(cfg, model_params(params, frozen, lora), batch, loss_chunk)
             return {"loss_sum": ce, "tokens": jnp.sum(loss_weights(batch))}
 
     return eval_step
 
 
-def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """A fresh TrainState with boxed (logically partitioned) params — for `train.sharding.sharded_init`."""
+def lora_base(cfg: LlamaConfig, lora: Any, params: Any) -> Any:
+    """Base weights as LoRA keeps them frozen: cast to `lora.base_dtype`, and with `quantize: nf4` every
+    layer kernel (wq ... w3, boxed or plain) in NF4 (QLoRA quantizes all of them, adapted or not)."""
+    from llama_jax.lora import KERNELS
+    from llama_jax.nf4 import quantize_stacked
+
+    dtype = jnp.dtype(lora.base_dtype or cfg.param_dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    if lora.quantize != "nf4":
+        return params
+
+    def one(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[-1] in KERNELS and names[0].startswith("layers"):
+            return quantize_stacked(nn.meta.unbox(x), names[0] == "layers", dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Array, lora: Any = None) -> TrainState:
+    """A fresh TrainState with boxed (logically partitioned) params — for `train.sharding.sharded_init`.
+    With `lora`, the base comes from `key` as it would without, and the factors from a key derived from it."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = Llama(cfg).init(key, tokens)["params"]
+    if lora is not None:
+        from llama_jax.lora import init_factors
+
+        factors = init_factors(jax.random.fold_in(key, 1), params, lora.targets, lora.rank, lora.init_std,
+                               dtype=jnp.dtype(cfg.param_dtype))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=factors, opt_state=tx.init(factors),
+                          frozen=lora_base(cfg, lora, params))
     # The optimizer state mirrors the parameters' boxes, so its moments get the same shardings.
     opt_state = tx.init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)

@@ -93,14 +93,22 @@ def _shardings_for(src: Source, shardings: Any) -> dict:
     return flat
 
 
-def load(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None) -> tuple[LlamaConfig, Any]:
+def load(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None,
+         base: str | os.PathLike | None = None) -> tuple[LlamaConfig, Any]:
     """(LlamaConfig, params) of the checkpoint at `path` (Meta, Hugging Face or orbax, detected).
+
+    A peft LoRA adapter directory (`adapter_config.json`) loads as its base model — `base`, or else the
+    adapter's `base_model_name_or_path` — with the adapter merged in (W + scale·A·B, see `convert.peft`).
 
     `dtype` casts every parameter (default: as stored; `cfg.param_dtype` reports the result). `shardings`
     places the parameters: one `jax.sharding.Sharding` for all, or a pytree of them shaped like the
     parameters (unrolled layout for Meta/HF; the stored layout, `cfg.scan_layers`, for orbax, whose
     reads then fetch only what each host's devices hold). Default: the default device. Meta/HF tensors are
     read one at a time and placed before the next is read."""
+    from llama_jax.convert.peft import is_peft
+
+    if is_peft(path):
+        return _load_peft(path, base, dtype=dtype, shardings=shardings)
     fmt = detect_format(path)
     if fmt == "orbax":
         from llama_jax.convert.orbax import load_orbax
@@ -124,6 +132,26 @@ def load(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None) -
             node = node.setdefault(part, {})
         node[key[-1]] = flat[key]
     return cfg, params
+
+
+def _load_peft(path, base, *, dtype, shardings) -> tuple[LlamaConfig, Any]:
+    from llama_jax.convert.peft import ADAPTER_CONFIG, load_adapter
+    from llama_jax.lora import lora_scale, merge
+
+    if base is None:
+        import json
+
+        base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).exists():
+            raise ConvertError(f"{path}: the adapter's base_model_name_or_path ({base!r}) is not a local checkpoint "
+                               f"directory; give the base weights (load(..., base=DIR) / --base DIR).")
+    cfg, params = load(base, dtype=dtype, shardings=shardings)
+    if cfg.scan_layers:
+        from llama_jax.model import unstack_layers
+
+        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
+    factors, s = load_adapter(path, cfg)
+    return cfg, merge(params, factors, lora_scale(s["alpha"], s["rank"], s["rslora"]))
 
 
 def save(cfg: LlamaConfig, params: Any, path: str | os.PathLike, format: str = "meta", num_shards: int = 1,

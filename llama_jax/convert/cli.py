@@ -7,7 +7,9 @@ import sys
 import time
 
 HELP = "convert checkpoints between Meta (.pth), Hugging Face (safetensors) and orbax"
-EXAMPLE = "llama-jax convert ~/llama-3.2-1b-meta /tmp/llama-3.2-1b-hf --to hf --dtype bfloat16"
+EXAMPLE = ("llama-jax convert ~/llama-3.2-1b-meta /tmp/llama-3.2-1b-hf --to hf --dtype bfloat16\n"
+           "  llama-jax convert runs/sft-lora /tmp/adapter --to peft              # a LoRA run's adapter, for peft\n"
+           "  llama-jax convert runs/sft-lora /tmp/merged-hf --to hf --merge-lora  # base + adapter in one checkpoint")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "(config.json + *.safetensors) or orbax (run, manager or step directory); "
                                     "the format is detected")
     parser.add_argument("dst", help="output directory (must not exist, or be empty); it appears only when complete")
-    parser.add_argument("--to", required=True, choices=("meta", "hf", "orbax"), help="output format")
+    parser.add_argument("--to", required=True, choices=("meta", "hf", "orbax", "peft"),
+                        help="output format; peft: a LoRA run's adapter alone (adapter_config.json + "
+                             "adapter_model.safetensors)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="SRC is a LoRA run (or a peft adapter directory): write base + adapter merged")
+    parser.add_argument("--base", metavar="DIR",
+                        help="with a LoRA run or peft adapter: the base weights (default: the run's "
+                             "train.init_from / the adapter's base_model_name_or_path)")
     parser.add_argument("--num-shards", type=int, default=1,
                         help="meta: model-parallel files (e.g. 8 for 70B); hf: safetensors files (default 1)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -25,16 +34,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from llama_jax.convert import ConvertError, convert, detect_format
+    from llama_jax.convert import ConvertError
 
     t0 = time.perf_counter()
     try:
-        fmt = detect_format(args.src)
-        print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
-        out = convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
-                      scan_layers=args.scan_layers)
+        out = _lora(args) if args.to == "peft" or args.merge_lora else _convert(args)
     except ConvertError as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def _convert(args: argparse.Namespace):
+    from llama_jax.convert import convert, detect_format
+
+    fmt = detect_format(args.src)
+    print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
+    return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
+                   scan_layers=args.scan_layers)
+
+
+def _lora(args: argparse.Namespace):
+    """A LoRA run's adapter (--to peft) or base + adapter merged; a peft directory merged into its base."""
+    from pathlib import Path
+
+    from llama_jax.convert import ConvertError, load, save
+    from llama_jax.convert.peft import is_peft
+
+    if is_peft(args.src):
+        if args.to == "peft":
+            raise ConvertError(f"{args.src} is already a peft adapter.")
+        cfg, params = load(args.src, base=args.base)
+        return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
+    if not Path(args.src).exists():
+        raise ConvertError(f"{args.src}: no such file or directory.")
+    from train.adapters import export
+
+    return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
+                  num_shards=args.num_shards)

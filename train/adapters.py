@@ -1,0 +1,87 @@
+"""The adapters of a LoRA training run, out: as a peft adapter, or merged into the base (`llama-jax convert
+RUN_OR_CHECKPOINT OUT --to peft | --to hf|meta|orbax --merge-lora`).
+
+A LoRA run's checkpoints hold the factors only; its `meta` item holds the run config, whose `lora` section
+gives rank, alpha and targets and whose `train.init_from` names the base. A run without `init_from` started
+from the seed's random base, which is rebuilt the same way (and put in NF4 again for QLoRA, so that the
+merged model equals the adapted one the run trained).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+from llama_jax.convert.common import ConvertError
+
+
+def read_lora_run(path: str | Path) -> tuple[Any, LlamaConfig, dict, int]:
+    """(run config, model config, factor tree as numpy, step) of a LoRA run / checkpoint directory."""
+    import flax.linen as nn
+    import orbax.checkpoint as ocp
+
+    from llama_jax.lora import init_factors
+    from llama_jax.model import param_shapes
+    from train import checkpoint as ckpt_lib
+    from train.config import from_dict
+
+    try:
+        ck, step, model = ckpt_lib.open_checkpoint(path)
+        meta = ck.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except ckpt_lib.CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    run = from_dict(meta["run_config"])
+    if run.lora is None:
+        raise ConvertError(f"{path}: this run trained every parameter (no lora section); convert it without "
+                           f"--to peft / --merge-lora.")
+    lo = run.lora
+    boxed = jax.eval_shape(lambda: init_factors(jax.random.key(0), param_shapes(model), lo.targets, lo.rank,
+                                                dtype=jnp.dtype(model.param_dtype)))
+    abstract = nn.meta.unbox(boxed)
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    factors = ckpt_lib.load_params(ck, step, abstract, jax.tree.map(lambda _: host, abstract))
+    return run, model, jax.tree.map(np.asarray, factors), step
+
+
+def base_params(run: Any, model: LlamaConfig, base: str | None = None) -> Any:
+    """The run's frozen base as it trained on it (same layout as `model`, NF4 for QLoRA)."""
+    import flax.linen as nn
+
+    from llama_jax import convert
+    from llama_jax.model import Llama, stack_layers, unstack_layers
+    from train.step import lora_base
+
+    source = base or run.train.init_from
+    if source is None:
+        params = Llama(model).init(jax.random.key(run.train.seed), jnp.zeros((1, 1), jnp.int32))["params"]
+        params = nn.meta.unbox(params)
+    else:
+        src_cfg, params = convert.load(source)
+        if src_cfg.scan_layers != model.scan_layers:
+            params = stack_layers(params) if model.scan_layers else unstack_layers(params)
+    return lora_base(model, run.lora, params)
+
+
+def export(path: str | Path, out: str | Path, to: str, *, merge: bool, base: str | None = None,
+           dtype: Any = None, num_shards: int = 1) -> Path:
+    """Write the run's adapter (`to="peft"`) or base + adapter merged (`merge=True`, to meta/hf/orbax)."""
+    from llama_jax import convert
+    from llama_jax.convert.peft import save_adapter
+    from llama_jax.lora import merge as merge_factors
+
+    run, model, factors, _ = read_lora_run(path)
+    lo = run.lora
+    if to == "peft":
+        return save_adapter(model, factors, out, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
+                            base_model_name_or_path=base or run.train.init_from, dtype=dtype)
+    if not merge:
+        raise ConvertError(f"{path} is a LoRA run: its checkpoints hold adapters only; add --merge-lora to write "
+                           f"base + adapter as one {to} checkpoint, or use --to peft for the adapter alone.")
+    merged = merge_factors(base_params(run, model, base), factors, lo.scale)
+    cfg = model.replace(param_dtype=jnp.dtype(jax.tree.leaves(merged)[0].dtype).name)
+    return convert.save(cfg, merged, out, format=to, num_shards=num_shards, dtype=dtype)
