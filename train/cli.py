@@ -29,7 +29,7 @@ def maybe_initialize_distributed(dist) -> float:
     `distributed.initialization_timeout` seconds for every process to arrive. A process that cannot connect
     prints one line (who waited for what, and what to check) and exits 1, instead of hanging and then
     aborting with a stack trace. Returns the seconds it took (0 when single-process)."""
-    from launch.preflight import connect
+    from train.distributed import connect
 
     return connect(dist, dist.initialization_timeout, label="llama-jax train")
 
