@@ -49,7 +49,8 @@ from train.distributed import (EXIT_FAILED, Deadline, _first_line, _hard_exit, _
 
 HELP = "check a (multi-host) run before it starts: processes, versions, config, mesh, storage, memory"
 EXAMPLE = ("llama-jax preflight --config configs/debug-cpu.yaml\n"
-           "  llama-jax preflight --then-train --config run.yaml --timeout 300   # what the launchers run on every host")
+           "  llama-jax preflight --then-train --config run.yaml --timeout 300   # what the launchers run on every host\n"
+           "  llama-jax preflight --config configs/llama3-8b-v5p.yaml --topology v5p-128  # memory for a slice, from here")
 
 EXIT_OK, EXIT_USAGE = 0, 2
 FAKE_VERSION_ENV = "LLAMA_JAX_PREFLIGHT_FAKE_VERSION"
@@ -661,6 +662,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-device memory to check the estimate against (default: what the device reports)")
     parser.add_argument("--expect-processes", type=int, default=None,
                         help="fail unless exactly this many processes join (default: distributed.num_processes)")
+    parser.add_argument("--topology", default=None, metavar="SLICE",
+                        help="check the memory for a Cloud TPU slice (e.g. v5p-128) from any machine: compile the train "
+                             "step for it with libtpu (the same compile as `llama-jax train --dry-run --topology`) "
+                             "and compare per-chip memory with the chip's HBM; no other check runs")
+    parser.add_argument("--num-slices", type=int, default=1, metavar="N", help="with --topology: N slices (multislice)")
     parser.add_argument("--expect-platform", choices=("cpu", "gpu", "tpu"), default=None,
                         help="fail unless the devices are of this platform (a GPU host without CUDA jax falls "
                              "back to CPU)")
@@ -682,6 +688,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"llama-jax preflight: {e}", file=sys.stderr)
         return EXIT_USAGE
     opts = options_from_args(args)
+    if args.topology is not None:
+        return topology_memory_check(cfg, args.topology, args.num_slices)
     t0 = time.monotonic()
     connect_seconds = connect(cfg.distributed, opts.timeout)
     report = run_checks(cfg, opts, connect_seconds=connect_seconds, started=t0)
@@ -690,6 +698,32 @@ def main(args: argparse.Namespace) -> int:
     if not args.then_train:
         return EXIT_OK
     return _train(cfg, report.prepared)
+
+
+def topology_memory_check(cfg: Any, topology: str, num_slices: int = 1) -> int:
+    """The memory check for a TPU slice this machine does not have: the train step compiled by libtpu for it
+    (`train.topology`). 0 when it fits the chip's HBM, 1 when not, 2 for a bad slice name or no libtpu."""
+    from train.sharding import ShardingError
+    from train.topology import TopologyError, compile_for_slice, parse_slice
+
+    try:
+        c = compile_for_slice(cfg, parse_slice(topology, num_slices))
+    except (TopologyError, ShardingError) as e:
+        print(f"llama-jax preflight: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    hbm = c.slice.chip.hbm_gib
+    if c.need_bytes is None:
+        _say(f"preflight: {c.slice.describe()}: the compiler gave no memory estimate")
+        return EXIT_FAILED
+    need = c.need_bytes / GIB
+    line = (f"memory       {need:.2f} GiB per chip of {hbm:g} GiB HBM ({need / hbm:.0%}) on {c.slice.describe()}; "
+            f"attention {c.attention}; compiled with libtpu in {c.seconds:.1f}s")
+    if not c.fits():
+        _say(f"preflight error: {line}: does not fit; shard more (mesh.fsdp / mesh.tensor), raise "
+             f"train.micro_batches or turn on remat")
+        return EXIT_FAILED
+    _say(f"preflight ok: {line}")
+    return EXIT_OK
 
 
 def run_checks(cfg: Any, opts: Options = Options(), *, connect_seconds: float = 0.0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,7 +71,7 @@ class LlamaConfig:
     param_dtype: str = "float32"  # stored (master) weights
     scan_layers: bool = False  # one compiled block via nn.scan; parameters get a leading `layers` axis
     remat: str = "none"  # "none" | "full" | "save_dots"
-    attention: str = "xla"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs)
+    attention: str = "xla"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs) | "splash" (Pallas, TPU)
     # What is derived is kept so that dataclasses.replace() can tell an explicit size from a derived one.
     _ffn_from_rule: bool = field(default=False, repr=False, compare=False)
 
