@@ -544,8 +544,8 @@ def _check_devices(run: _Run) -> tuple[dict | None, bool]:
     layout = f"{n} process(es) x {r['local']} {r['platform']} device(s) ({', '.join(r['kinds'])})"
     cfg = run.cfg
     try:
-        shape = sh.resolve_mesh_shape(cfg.mesh.shape, jax.device_count())
-        mesh = sh.make_mesh(cfg.mesh.shape)
+        shape = sh.resolve_mesh_shape(cfg.mesh.shape, jax.device_count() // max(cfg.mesh.dcn, 1))
+        mesh = sh.make_mesh(cfg.mesh.shape, dcn=cfg.mesh.dcn)
         sh.check_batch(cfg.train.global_batch_size, cfg.train.micro_batches, mesh)
         sh.process_rows(mesh, cfg.train.global_batch_size)
     except (sh.ShardingError, ConfigError) as e:
@@ -666,7 +666,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check the memory for a Cloud TPU slice (e.g. v5p-128) from any machine: compile the train "
                              "step for it with libtpu (the same compile as `llama-jax train --dry-run --topology`) "
                              "and compare per-chip memory with the chip's HBM; no other check runs")
-    parser.add_argument("--num-slices", type=int, default=1, metavar="N", help="with --topology: N slices (multislice)")
+    parser.add_argument("--num-slices", type=int, default=None, metavar="N",
+                        help="with --topology: N slices (multislice; default: the config's mesh.dcn)")
     parser.add_argument("--expect-platform", choices=("cpu", "gpu", "tpu"), default=None,
                         help="fail unless the devices are of this platform (a GPU host without CUDA jax falls "
                              "back to CPU)")
@@ -700,14 +701,14 @@ def main(args: argparse.Namespace) -> int:
     return _train(cfg, report.prepared)
 
 
-def topology_memory_check(cfg: Any, topology: str, num_slices: int = 1) -> int:
+def topology_memory_check(cfg: Any, topology: str, num_slices: int | None = None) -> int:
     """The memory check for a TPU slice this machine does not have: the train step compiled by libtpu for it
     (`train.topology`). 0 when it fits the chip's HBM, 1 when not, 2 for a bad slice name or no libtpu."""
     from train.sharding import ShardingError
     from train.topology import TopologyError, compile_for_slice, parse_slice
 
     try:
-        c = compile_for_slice(cfg, parse_slice(topology, num_slices))
+        c = compile_for_slice(cfg, parse_slice(topology, num_slices or cfg.mesh.dcn))
     except (TopologyError, ShardingError) as e:
         print(f"llama-jax preflight: {e}", file=sys.stderr)
         return EXIT_USAGE

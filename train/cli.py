@@ -24,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --dry-run: compile for this Cloud TPU slice (e.g. v5p-128, v4-64, v5litepod-256, "
                              "v6e-256, or v5p:4x4x8) with libtpu, on any machine, and print per-chip memory against "
                              "the chip's HBM, FLOPs and a roofline estimate")
-    parser.add_argument("--num-slices", type=int, default=1, metavar="N",
+    parser.add_argument("--num-slices", type=int, default=None, metavar="N",
                         help="with --topology: N such slices joined by the data-center network (multislice; the "
-                             "mesh gets a 'dcn' axis of size N)")
+                             "mesh gets a 'dcn' axis of size N; default: the config's mesh.dcn)")
     parser.add_argument("--preflight", action="store_true",
                         help="check the run first (processes, versions, config, mesh, storage, memory; see "
                              "launch/README.md) and go on only when every check passes, reusing the step it compiled")
@@ -42,7 +42,7 @@ def maybe_initialize_distributed(dist) -> float:
     return connect(dist, dist.initialization_timeout, label="llama-jax train")
 
 
-def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = None, num_slices: int = 1) -> int:
+def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = None, num_slices: int | None = None) -> int:
     """Train (or dry-run) `cfg` in this process, from `prepared` (a `train.loop.Setup`) when given; a known
     failure is one line on stderr and exit status 2. `topology`: dry-run for that TPU slice instead of the
     devices here (`train.topology`)."""
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"llama-jax train: {e}", file=sys.stderr)
         return 2
 
-    if args.topology is not None or args.num_slices != 1:
+    if args.topology is not None or args.num_slices is not None:
         if not args.dry_run or args.topology is None or args.preflight:
             print("llama-jax train: --topology (and --num-slices) compile for a TPU slice without training; use them "
                   "with --dry-run (or `llama-jax preflight --topology`), and --num-slices only with --topology.",

@@ -196,8 +196,10 @@ def resolve_for_tpu(cfg: Any, sl: Slice) -> Any:
     if model.attention == "auto":
         model = model.replace(attention="splash" if "splash" in IMPLEMENTATIONS else "xla")
     mesh = cfg.mesh
-    if sl.num_slices > 1 or getattr(mesh, "dcn", 1) != 1:
-        mesh = dataclasses.replace(mesh, dcn=sl.num_slices)
+    if mesh.dcn != 1 and mesh.dcn != sl.num_slices:
+        raise TopologyError(f"the config's mesh.dcn is {mesh.dcn} slices but the compile is for {sl.describe()}; "
+                            f"pass --num-slices {mesh.dcn}.")
+    mesh = dataclasses.replace(mesh, dcn=sl.num_slices)
     return dataclasses.replace(cfg, model=model, mesh=mesh)
 
 
@@ -278,10 +280,11 @@ def report_lines(c: SliceCompile) -> list[str]:
     return lines
 
 
-def dry_run(cfg: Any, topology: str, num_slices: int = 1, out=None) -> int:
-    """`llama-jax train --dry-run --topology NAME`: compile for the slice and print `report_lines`."""
+def dry_run(cfg: Any, topology: str, num_slices: int | None = None, out=None) -> int:
+    """`llama-jax train --dry-run --topology NAME`: compile for the slice (`num_slices` of them; default the
+    config's mesh.dcn) and print `report_lines`."""
     out = out or sys.stdout
-    sl = parse_slice(topology, num_slices)
+    sl = parse_slice(topology, num_slices or cfg.mesh.dcn)
     t0 = time.perf_counter()
     c = compile_for_slice(cfg, sl)
     for line in report_lines(c):
