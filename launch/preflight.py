@@ -31,25 +31,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import platform
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# Connecting (and the deadline that guards every blocking phase) belongs to the trainer; preflight reuses it.
+from train.distributed import (EXIT_FAILED, Deadline, _first_line, _hard_exit, _say, connect,  # noqa: F401
+                               wants_distributed, who)
+
 HELP = "check a (multi-host) run before it starts: processes, versions, config, mesh, storage, memory"
 EXAMPLE = ("llama-jax preflight --config configs/debug-cpu.yaml\n"
-           "  llama-jax preflight --then-train --config run.yaml --timeout 300   # what the launchers run on every host")
+           "  llama-jax preflight --then-train --config run.yaml --timeout 300   # what the launchers run on every host\n"
+           "  llama-jax preflight --config configs/llama3-8b-v5p.yaml --topology v5p-128  # memory for a slice, from here")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2
 FAKE_VERSION_ENV = "LLAMA_JAX_PREFLIGHT_FAKE_VERSION"
 GIB = 1024**3
 
@@ -79,57 +82,6 @@ class PreflightTimeout(RuntimeError):
 
 # --------------------------------------------------------------------------------------------------------------
 # Deadlines and the exchange between processes
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-def _hard_exit(code: int) -> None:
-    """Leave now: after a timeout the distributed runtime may be wedged, and its exit hooks could wait for
-    peers that will never come (or abort with a C++ stack trace)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-class Deadline:
-    """Ends the process with one `preflight error:` line when the block outlives `seconds`, or as soon as
-    another process reports that it cannot go on (through `exchange`).
-
-    A blocked RPC or collective cannot be interrupted from Python (device initialisation, for one, waits for
-    every process's backend), and the runtime's own timeouts abort with a stack trace; a watcher thread that
-    prints one line and exits is the only way to fail clearly."""
-
-    POLL_S = 0.5
-
-    def __init__(self, seconds: float, message: Callable[[], str] | str, exchange: Exchange | None = None,
-                 label: str = "preflight error"):
-        self.seconds, self.message, self.exchange, self.label = seconds, message, exchange, label
-
-    def _watch(self) -> None:
-        end = time.monotonic() + self.seconds
-        while not self._done.wait(min(self.POLL_S, max(0.0, end - time.monotonic()))):
-            if self.exchange is not None:
-                self.exchange.stop_if_a_peer_failed()
-            if time.monotonic() >= end:
-                msg = self.message() if callable(self.message) else self.message
-                _say(f"{self.label}: {msg}")
-                _hard_exit(EXIT_FAILED)
-
-    def __enter__(self):
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        return False
-
-
-def who(process: int, host: str | None) -> str:
-    return f"process {process} ({host})" if host else f"process {process}"
 
 
 KV_ROOT = "llama_jax/preflight"
@@ -282,77 +234,6 @@ def process_count_and_index() -> tuple[int, int]:
     import jax
 
     return jax.process_count(), jax.process_index()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Connect
-
-
-def wants_distributed(dist: Any, env: dict | None = None) -> bool:
-    """Whether the run spans processes (for preflight and `llama-jax train` alike): initialise when asked, or on
-    `auto` when a coordinator is given or a multi-process cluster is detected (SLURM with several tasks, a
-    multi-host TPU slice)."""
-    env = os.environ if env is None else env
-    env_cluster = (int(env.get("SLURM_NTASKS", "1") or 1) > 1 or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-                   or "MEGASCALE_COORDINATOR_ADDRESS" in env)
-    return dist.initialize == "always" or (dist.initialize == "auto" and bool(dist.coordinator_address or env_cluster))
-
-
-def _port_in_use(port: int) -> OSError | None:
-    """The error binding `port` on every interface of this host, as the coordinator service will, when another
-    program holds it; None when it is free (or this host cannot tell)."""
-    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            with socket.socket(family) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((address, port))
-            return None
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return e
-    return None
-
-
-def connect(dist: Any, timeout: float, label: str = "preflight error") -> float:
-    """`jax.distributed.initialize` when the run spans processes, with `timeout` seconds for every process to
-    arrive. Returns the seconds it took (0 when single-process). A process that cannot connect (a host that never
-    comes, a port in use, a wrong address) prints one line starting with `label:` and exits 1."""
-    import jax
-
-    if not wants_distributed(dist):
-        return 0.0
-    kwargs: dict[str, Any] = {}
-    for key in ("coordinator_address", "num_processes", "process_id", "local_device_ids"):
-        if getattr(dist, key) is not None:
-            kwargs[key] = getattr(dist, key)
-    host = socket.gethostname()
-    me = who(dist.process_id, host) if dist.process_id is not None else f"this process ({host})"
-    n = f"all {dist.num_processes} processes" if dist.num_processes else "all processes"
-    where = f"the coordinator at {dist.coordinator_address}" if dist.coordinator_address else "the coordinator"
-    port = dist.coordinator_address.rsplit(":", 1)[-1] if dist.coordinator_address else None
-    hint = ("is every process started, with the same coordinator_address and num_processes"
-            + (f", and can every host reach port {port} on the coordinator?" if port else "?"))
-    t0 = time.monotonic()
-    # The runtime's own timeout is longer than ours, so our one-line message comes first (its timeout aborts the
-    # process with a C++ stack trace).
-    with Deadline(timeout, f"{me}: timed out after {timeout:g}s waiting for {n} to connect to {where}; {hint}",
-                  label=label):
-        try:
-            # Cross-process collectives on CPU devices need an implementation (gloo ships with jaxlib); it only
-            # concerns the CPU backend, so it is harmless where the run uses accelerators.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            # Process 0 starts the coordinator service; on a port in use jaxlib sometimes crashes instead of
-            # raising, so look first.
-            if dist.process_id == 0 and port and port.isdigit() and "JAX_COORDINATOR_BIND_ADDRESS" not in os.environ:
-                busy = _port_in_use(int(port))
-                if busy is not None:
-                    raise busy
-            jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout) + 60)
-        except Exception as e:  # noqa: BLE001 - e.g. a malformed coordinator address: one line, then leave at once
-            _say(f"{label}: {me}: cannot start or reach {dist.coordinator_address or 'the coordinator'}: "
-                 f"{type(e).__name__}: {_first_line(e)} (is the port already in use, or the address wrong?)")
-            _hard_exit(EXIT_FAILED)
-    return time.monotonic() - t0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -524,11 +405,6 @@ def _collapse(messages: Sequence[str | None], hosts: Sequence[str]) -> list[str]
     return [f"{who(p, hosts[p])}: {m}" for p, m in enumerate(messages) if m is not None]
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else "")[:limit]
-
-
 @dataclasses.dataclass
 class Report:
     failures: list[str] = dataclasses.field(default_factory=list)
@@ -668,8 +544,8 @@ def _check_devices(run: _Run) -> tuple[dict | None, bool]:
     layout = f"{n} process(es) x {r['local']} {r['platform']} device(s) ({', '.join(r['kinds'])})"
     cfg = run.cfg
     try:
-        shape = sh.resolve_mesh_shape(cfg.mesh.shape, jax.device_count())
-        mesh = sh.make_mesh(cfg.mesh.shape)
+        shape = sh.resolve_mesh_shape(cfg.mesh.shape, jax.device_count() // max(cfg.mesh.dcn, 1))
+        mesh = sh.make_mesh(cfg.mesh.shape, dcn=cfg.mesh.dcn)
         sh.check_batch(cfg.train.global_batch_size, cfg.train.micro_batches, mesh)
         sh.process_rows(mesh, cfg.train.global_batch_size)
     except (sh.ShardingError, ConfigError) as e:
@@ -786,6 +662,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-device memory to check the estimate against (default: what the device reports)")
     parser.add_argument("--expect-processes", type=int, default=None,
                         help="fail unless exactly this many processes join (default: distributed.num_processes)")
+    parser.add_argument("--topology", default=None, metavar="SLICE",
+                        help="check the memory for a Cloud TPU slice (e.g. v5p-128) from any machine: compile the train "
+                             "step for it with libtpu (the same compile as `llama-jax train --dry-run --topology`) "
+                             "and compare per-chip memory with the chip's HBM; no other check runs")
+    parser.add_argument("--num-slices", type=int, default=None, metavar="N",
+                        help="with --topology: N slices (multislice; default: the config's mesh.dcn)")
     parser.add_argument("--expect-platform", choices=("cpu", "gpu", "tpu"), default=None,
                         help="fail unless the devices are of this platform (a GPU host without CUDA jax falls "
                              "back to CPU)")
@@ -807,6 +689,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"llama-jax preflight: {e}", file=sys.stderr)
         return EXIT_USAGE
     opts = options_from_args(args)
+    if args.topology is not None:
+        return topology_memory_check(cfg, args.topology, args.num_slices)
     t0 = time.monotonic()
     connect_seconds = connect(cfg.distributed, opts.timeout)
     report = run_checks(cfg, opts, connect_seconds=connect_seconds, started=t0)
@@ -815,6 +699,32 @@ def main(args: argparse.Namespace) -> int:
     if not args.then_train:
         return EXIT_OK
     return _train(cfg, report.prepared)
+
+
+def topology_memory_check(cfg: Any, topology: str, num_slices: int | None = None) -> int:
+    """The memory check for a TPU slice this machine does not have: the train step compiled by libtpu for it
+    (`train.topology`). 0 when it fits the chip's HBM, 1 when not, 2 for a bad slice name or no libtpu."""
+    from train.sharding import ShardingError
+    from train.topology import TopologyError, compile_for_slice, parse_slice
+
+    try:
+        c = compile_for_slice(cfg, parse_slice(topology, num_slices or cfg.mesh.dcn))
+    except (TopologyError, ShardingError) as e:
+        print(f"llama-jax preflight: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    hbm = c.slice.chip.hbm_gib
+    if c.need_bytes is None:
+        _say(f"preflight: {c.slice.describe()}: the compiler gave no memory estimate")
+        return EXIT_FAILED
+    need = c.need_bytes / GIB
+    line = (f"memory       {need:.2f} GiB per chip of {hbm:g} GiB HBM ({need / hbm:.0%}) on {c.slice.describe()}; "
+            f"attention {c.attention}; compiled with libtpu in {c.seconds:.1f}s")
+    if not c.fits():
+        _say(f"preflight error: {line}: does not fit; shard more (mesh.fsdp / mesh.tensor), raise "
+             f"train.micro_batches or turn on remat")
+        return EXIT_FAILED
+    _say(f"preflight ok: {line}")
+    return EXIT_OK
 
 
 def run_checks(cfg: Any, opts: Options = Options(), *, connect_seconds: float = 0.0,

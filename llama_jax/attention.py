@@ -13,6 +13,7 @@ softmax in float32, grouped-query heads (query head n reads kv head n // G).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -123,10 +124,82 @@ def blockwise_attention(q: Array, k: Array, v: Array, mask: Mask, block: int = 1
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
+SPLASH_BLOCK = 128  # splash attention's tile granularity: sequences are padded up to a multiple of it
+
+
+def splash_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
+    """The same function through Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
+    a blockwise TPU kernel that never writes the (T, S) scores to HBM and skips fully masked blocks.
+
+    - causal (with Mask.window / Mask.chunk as the kernel's local / chunked-causal masks), packed documents
+      through segment ids; grouped-query heads are passed as they are (the kernel reads kv head n // G, no
+      repeated K/V); scores, running max and sum in float32, q pre-scaled by 1/√H in float32;
+    - self-attention over whole sequences only (keys = queries, slot t at position t): the KV-cache decode
+      path runs `xla` attention (see `model.Attention`);
+    - a length that is not a multiple of 128 is padded with a segment of its own, which no real token sees;
+    - under an active mesh (`jax.sharding.use_abstract_mesh` + flax's logical axis rules, as the trainer sets
+      them) it runs per shard in `shard_map`, batch and heads split as the rule table splits `batch`/`heads`;
+    - compiled for TPU it is the Mosaic kernel; on any other platform the same kernel runs in Pallas
+      interpret mode (slow, for checking it)."""
+    b, t, n, h = q.shape
+    if k.shape[2] != t:
+        raise ValueError(f"attention='splash' computes self-attention over whole sequences (keys = queries), but "
+                         f"got {t} queries and {k.shape[2]} keys; decoding with a KV cache uses attention='xla'.")
+    if mask.window is not None and mask.chunk is not None:
+        raise ValueError("attention='splash' takes a sliding window or a chunk size, not both.")
+    local = functools.partial(_splash_local, window=mask.window, chunk=mask.chunk)
+    args = (q, k, v, mask.q_segments, mask.k_segments)
+
+    def run(*a):  # the Mosaic kernel when compiled for TPU, the interpreter elsewhere
+        return jax.lax.platform_dependent(*a, tpu=functools.partial(local, interpret=False),
+                                          default=functools.partial(local, interpret=True))
+
+    abstract_mesh = jax.sharding.get_abstract_mesh()
+    if abstract_mesh.empty:
+        return run(*args)
+    import flax.linen as nn
+
+    spec = lambda *names: nn.logical_to_mesh_axes(names)  # noqa: E731 - the trainer's rule table, if active
+    q_spec, kv_spec, seg_spec = (spec("batch", "length", "heads", "head_dim"),
+                                 spec("batch", "kv_heads", "length", "head_dim"), spec("batch", "length"))
+    return jax.shard_map(run, mesh=abstract_mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(*args)
+
+
+def _splash_local(q, k, v, q_segments, k_segments, *, window, chunk, interpret):
+    """Splash attention on this shard's (B, T, N, H) queries and (B, K, S, H) keys/values."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    b, t, n, h = q.shape
+    q = (q.astype(jnp.float32) * h**-0.5).astype(q.dtype).swapaxes(1, 2)  # (B, N, T, H), as the kernel takes
+    pad = -t % SPLASH_BLOCK
+    if pad:  # the padding is a segment of its own (-1): real queries never see it, its rows see themselves
+        widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+        q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
+        q_segments, k_segments = (jnp.pad(s, ((0, 0), (0, pad)), constant_values=-1) for s in (q_segments, k_segments))
+    length = t + pad
+    shape = (length, length)
+    if window is not None:
+        pattern = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    elif chunk is not None:
+        pattern = splash.ChunkedCausalMask(shape, chunk_size=chunk)
+    else:
+        pattern = splash.CausalMask(shape)
+    block = next(size for size in (512, 256, 128) if length % size == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([pattern] * n), block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    segments = splash.SegmentIds(q_segments.astype(jnp.int32), k_segments.astype(jnp.int32))
+    out = jax.vmap(kernel)(q, k.astype(q.dtype), v.astype(q.dtype), segments)  # (B, N, T', H)
+    return out[:, :, :t].swapaxes(1, 2).astype(v.dtype)
+
+
 IMPLEMENTATIONS: dict[str, Callable[[Array, Array, Array, Mask], Array]] = {
     "xla": xla_attention,
     "cudnn": cudnn_attention,
     "blockwise": blockwise_attention,
+    "splash": splash_attention,
 }
 
 

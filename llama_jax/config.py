@@ -16,8 +16,8 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 MOE_ROUTERS = ("softmax", "sigmoid")
-ATTENTION_IMPLS = ("xla", "cudnn")
-ATTENTION_IMPLS += ("blockwise", "auto")  # auto: blockwise on CPU, cudnn on NVIDIA GPUs in bf16/fp16, else xla
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS += ("blockwise", "auto")  # auto: blockwise on CPU, cudnn on NVIDIA GPUs in bf16/fp16, splash on TPU, else xla
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -97,8 +97,8 @@ class LlamaConfig:
     param_dtype: str = "float32"  # stored (master) weights
     scan_layers: bool = False  # one compiled block via nn.scan; parameters get a leading `layers` axis
     remat: str = "none"  # "none" | "full" | "save_dots"
-    attention: str = "auto"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs)
-    # | "blockwise" (causal blocks, CPU) | "auto" (the default: llama_jax.attention.resolve picks per backend)
+    attention: str = "auto"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs) | "splash"
+    # (Pallas, TPU) | "blockwise" (causal blocks, CPU) | "auto" (the default: llama_jax.attention.resolve picks)
     # What is derived is kept so that dataclasses.replace() can tell an explicit size from a derived one.
     _ffn_from_rule: bool = field(default=False, repr=False, compare=False)
 

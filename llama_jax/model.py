@@ -185,7 +185,10 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, end, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, end, 0))
             cache = {"k": k, "v": v}
-        out = attend(q, k.astype(dtype), v.astype(dtype), mask, cfg.attention)  # (B, T, N, H)
+        # Splash attention needs the causal offset of the queries at trace time; a decode step's is the
+        # cache's fill level, a traced value, so the KV-cache path keeps plain XLA attention.
+        impl = "xla" if cache is not None and cfg.attention == "splash" else cfg.attention
+        out = attend(q, k.astype(dtype), v.astype(dtype), mask, impl)  # (B, T, N, H)
         return linear("BTNH,NHD->BTD", out, wo), cache
 
 

@@ -659,3 +659,18 @@ def test_preflight_coordinator_port_in_use(tmp_path):
     assert lines[0].startswith(f"[0] preflight error: process 0 ({HOST}): cannot start or reach 127.0.0.1:{port}: ")
     assert lines[0].endswith("(is the port already in use, or the address wrong?)")
     assert seconds < 60
+
+
+def test_trainer_connects_without_the_launch_package():
+    """The trainer's `connect` lives in train/; launch/preflight.py imports it from there, not the reverse."""
+    code = ("import sys, train.cli, train.distributed\n"
+            "from launch import preflight\n"
+            "assert preflight.connect is train.distributed.connect\n"
+            "import importlib; del sys.modules['launch.preflight']; del sys.modules['launch']\n"
+            "sys.modules['launch'] = None  # importing launch now fails\n"
+            "from train.cli import maybe_initialize_distributed\n"
+            "class D: initialize = 'never'; initialization_timeout = 5.0\n"
+            "print('seconds', maybe_initialize_distributed(D()))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "seconds 0.0" in p.stdout

@@ -272,3 +272,26 @@ def test_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path, capsys
     assert f"resumed from {run_dir / 'checkpoints' / '4'}" in capsys.readouterr().out
     assert not partial.exists()
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [4, 6]
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path, capsys):
+    """logging.profile: {start_step: 2, steps: 2} writes a jax.profiler trace (the XPlane protobuf that
+    TensorBoard's profile plugin and Perfetto read) to run_dir/profile/; nothing is written without it."""
+    rc, run_dir = train_in_process(tmp_path, "prof", "train.steps=4", "train.eval_batches=0",
+                                   "logging.profile={start_step: 2, steps: 2}")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"profile of steps 2-3 written to {run_dir / 'profile'}" in out
+    for pattern in ("*.xplane.pb", "*.trace.json.gz"):  # TensorBoard's profile plugin; Perfetto
+        traces = list((run_dir / "profile").rglob(pattern))
+        assert len(traces) == 1 and traces[0].stat().st_size > 0, pattern
+    rc, plain = train_in_process(tmp_path, "noprof", "train.steps=2", "train.eval_batches=0")
+    assert rc == 0 and not (plain / "profile").exists()
+
+
+def test_profile_setting_is_checked():
+    from llama_jax.config import ConfigError
+    from train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"logging.profile must be \{start_step: S, steps: K\}"):
+        load_config(None, ["model.preset=tiny", "run_dir=/tmp/x", "data.synthetic=true", "logging.profile={start: 2}"])

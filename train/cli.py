@@ -9,6 +9,7 @@ import time
 HELP = "train or resume a LLaMA run from a YAML config (any mesh, one CPU to a pod)"
 EXAMPLE = ("llama-jax train --config configs/debug-cpu.yaml --set train.steps=50 --set run_dir=/tmp/run\n"
            "  llama-jax train --config configs/llama3-8b-v5p.yaml --dry-run  # compile only: memory, FLOPs, shardings\n"
+           "  llama-jax train --config configs/llama3-8b-v5p.yaml --dry-run --topology v5p-128  # for a TPU slice, here\n"
            "  llama-jax train --config run.yaml --preflight  # check every host first (launch/README.md)")
 
 
@@ -19,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="compile the train step ahead of time and print per-device memory, FLOPs per step and "
                              "every parameter's sharding, without training")
+    parser.add_argument("--topology", default=None, metavar="SLICE",
+                        help="with --dry-run: compile for this Cloud TPU slice (e.g. v5p-128, v4-64, v5litepod-256, "
+                             "v6e-256, or v5p:4x4x8) with libtpu, on any machine, and print per-chip memory against "
+                             "the chip's HBM, FLOPs and a roofline estimate")
+    parser.add_argument("--num-slices", type=int, default=None, metavar="N",
+                        help="with --topology: N such slices joined by the data-center network (multislice; the "
+                             "mesh gets a 'dcn' axis of size N; default: the config's mesh.dcn)")
     parser.add_argument("--preflight", action="store_true",
                         help="check the run first (processes, versions, config, mesh, storage, memory; see "
                              "launch/README.md) and go on only when every check passes, reusing the step it compiled")
@@ -29,25 +37,31 @@ def maybe_initialize_distributed(dist) -> float:
     `distributed.initialization_timeout` seconds for every process to arrive. A process that cannot connect
     prints one line (who waited for what, and what to check) and exits 1, instead of hanging and then
     aborting with a stack trace. Returns the seconds it took (0 when single-process)."""
-    from launch.preflight import connect
+    from train.distributed import connect
 
     return connect(dist, dist.initialization_timeout, label="llama-jax train")
 
 
-def run(cfg, *, dry_run: bool = False, prepared=None) -> int:
+def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = None, num_slices: int | None = None) -> int:
     """Train (or dry-run) `cfg` in this process, from `prepared` (a `train.loop.Setup`) when given; a known
-    failure is one line on stderr and exit status 2."""
+    failure is one line on stderr and exit status 2. `topology`: dry-run for that TPU slice instead of the
+    devices here (`train.topology`)."""
     from llama_jax.config import ConfigError
     from train import loop
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.sharding import ShardingError
+    from train.topology import TopologyError
 
     try:
+        if topology is not None:
+            from train import topology as topo
+
+            return topo.dry_run(cfg, topology, num_slices)
         if dry_run:
             return loop.dry_run(cfg)
         return loop.train(cfg, prepared=prepared)
-    except (ConfigError, ShardingError, DataError, CheckpointError, loop.TrainingError) as e:
+    except (ConfigError, ShardingError, DataError, CheckpointError, loop.TrainingError, TopologyError) as e:
         print(f"llama-jax train: {e}", file=sys.stderr)
         return 2
 
@@ -62,6 +76,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"llama-jax train: {e}", file=sys.stderr)
         return 2
 
+    if args.topology is not None or args.num_slices is not None:
+        if not args.dry_run or args.topology is None or args.preflight:
+            print("llama-jax train: --topology (and --num-slices) compile for a TPU slice without training; use them "
+                  "with --dry-run (or `llama-jax preflight --topology`), and --num-slices only with --topology.",
+                  file=sys.stderr)
+            return 2
+        return run(cfg, dry_run=True, topology=args.topology, num_slices=args.num_slices)
     started = time.monotonic()
     connect_seconds = maybe_initialize_distributed(cfg.distributed)
     prepared = None

@@ -6,9 +6,9 @@ A run config has these sections (every key optional except where noted):
     data:        path (a prepared dir, a list of dirs, or a {dir: weight} mixture) | synthetic, seq_len
     train:       global_batch_size, steps, seed, eval_every, eval_batches, micro_batches, z_loss, ...
     optim:       lr, warmup_steps, decay_steps, min_lr_ratio, schedule, b1, b2, eps, weight_decay, ...
-    mesh:        data, fsdp, tensor, expert (MoE models) (-1 = the rest of the devices)
+    mesh:        data, fsdp, tensor, expert (MoE models) (-1 = the rest of the devices), dcn (slices, multislice)
     checkpoint:  every, keep_last, keep_every, async_save
-    logging:     log_every, tensorboard, progress
+    logging:     log_every, tensorboard, progress, peak_flops, profile ({start_step, steps})
     distributed: initialize, coordinator_address, num_processes, process_id, initialization_timeout
     run_dir:     where config.yaml, metrics.jsonl, checkpoints/ and TensorBoard events go (required)
     lora:        rank, alpha, dropout, targets, rslora, init_std, quantize, base_dtype — fine-tune low-rank
@@ -82,6 +82,7 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1  # expert parallelism (MoE models); the mesh gets this fourth axis only when it is not 1
+    dcn: int = 1  # slices (multislice TPU): data parallelism across the data-center network; data×fsdp×tensor per slice
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -102,6 +103,8 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: str = "auto"  # "auto" (a bar when stderr is a terminal) | "on" | "off"
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; default: the device table / measured
+    # {start_step: S, steps: K}: a jax.profiler trace of steps S .. S+K-1 (counted from 1) in run_dir/profile/
+    profile: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -359,10 +362,16 @@ def validate(cfg: RunConfig) -> None:
     for name in ("data", "fsdp", "tensor", "expert"):
         v = getattr(cfg.mesh, name)
         _check(v == -1 or v > 0, f"mesh.{name} must be a positive size or -1 (the rest), got {v}.")
+    _check(cfg.mesh.dcn >= 1, f"mesh.dcn (the number of slices) must be at least 1, got {cfg.mesh.dcn}.")
     _check(c.every >= 0 and c.keep_last >= 1 and c.keep_every >= 0,
            f"checkpoint.every and keep_every must be >= 0 and keep_last >= 1, got {dataclasses.asdict(c)}.")
     _check(lg.log_every > 0, f"logging.log_every must be positive, got {lg.log_every}.")
     _check(lg.progress in ("auto", "on", "off"), f"logging.progress must be auto, on or off, got {lg.progress!r}.")
+    if lg.profile is not None:
+        p = lg.profile
+        _check(isinstance(p, dict) and set(p) == {"start_step", "steps"}
+               and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in p.values()),
+               f"logging.profile must be {{start_step: S, steps: K}} with positive integers, got {p!r}.")
     _check(cfg.distributed.initialize in ("auto", "always", "never"),
            f"distributed.initialize must be auto, always or never, got {cfg.distributed.initialize!r}.")
     if cfg.lora is not None:

@@ -68,6 +68,34 @@ class _StopSignals:
         return False
 
 
+class _Profiler:
+    """`logging.profile: {start_step: S, steps: K}`: a `jax.profiler` trace of steps S .. S+K-1 (counted from 1)
+    written to `directory` (TensorBoard's profile plugin or Perfetto read it). Every process traces its own
+    devices; the files are named after the host."""
+
+    def __init__(self, directory: Path, window: dict | None, say: Callable[[str], None]):
+        self.directory, self.say = directory, say
+        self.first = window["start_step"] if window else None
+        self.last = window["start_step"] + window["steps"] - 1 if window else None
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step == self.last:
+            self.close()
+            self.say(f"profile of steps {self.first}-{self.last} written to {self.directory}")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 def _any_process(flag: bool) -> bool:
     """True on every process if it is true on any (a signal may reach only some hosts)."""
     if jax.process_count() == 1:
@@ -96,7 +124,7 @@ class Setup:
 
 def setup(cfg: RunConfig, devices: list | None = None) -> Setup:
     """Build everything for `cfg` on `devices` (default: all devices of all processes)."""
-    mesh = sh.make_mesh(cfg.mesh.shape, devices)
+    mesh = sh.make_mesh(cfg.mesh.shape, devices, dcn=cfg.mesh.dcn)
     sh.check_batch(cfg.train.global_batch_size, cfg.train.micro_batches, mesh)
     tx = make_optimizer(cfg.optim)
     schedule = learning_rate_schedule(cfg.optim)
@@ -328,6 +356,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
                   {"run_config": cfg.to_dict(), "process_count": jax.process_count()})
         saved_step = step
 
+    profiler = _Profiler(run_dir / "profile", cfg.logging.profile, say)
     try:
         with _StopSignals() as signals:
             local = next(train_iter) if start < t.steps else None
@@ -335,14 +364,16 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
             throughput = Throughput()
             compile_t0 = time.perf_counter()
             for step in range(start, t.steps):
+                done = step + 1
+                profiler.before(done)
                 batch = sh.global_batch(local, s.mesh, t.global_batch_size)
                 state, m = s.train_step(state, batch)
-                done = step + 1
                 step_data_state = data_state
                 if done < t.steps:  # load the next batch while the device computes this step
                     local = next(train_iter)
                     data_state = train_iter.get_state()
-                m = jax.device_get(m)
+                m = jax.device_get(m)  # waits for the step: a profile window ends with its last step's work
+                profiler.after(done)
                 loss, finite = float(m["loss"]), bool(m["finite"])
                 if done == start + 1:
                     say(f"first step (compilation included) took {time.perf_counter() - compile_t0:.1f}s")
@@ -397,6 +428,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
                         f"checkpoint saved to {ckpt.directory / str(done)}; run the same command to resume.")
                     break
     finally:
+        profiler.close()
         metrics.close()
         ckpt.close()
         getattr(train_iter, "close", lambda: None)()
@@ -419,17 +451,21 @@ MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_i
                  "generated_code_size_in_bytes")
 
 
-def compile_step(s: Setup) -> tuple[Any, float]:
+def compile_step(s: Setup, lowering_platforms: tuple[str, ...] | None = None) -> tuple[Any, float]:
     """The train step compiled ahead of time for the mesh, from abstract inputs (nothing allocated, no data
     read), and the seconds it took. `s.train_step` keeps the executable: training with `s` does not compile
-    the step again."""
+    the step again. `lowering_platforms=("tpu",)` compiles for a mesh of TPU devices from another host
+    (`train.topology`)."""
     abstract = jax.tree.map(lambda x, shd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd),
                             s.abstract_state, s.state_shardings)
     b, t = s.cfg.train.global_batch_size, s.cfg.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=s.batch_shardings[k]) for k in BATCH_KEYS}
     t0 = time.perf_counter()
-    compiled = s.train_step.lower(abstract, batch).compile()
+    if lowering_platforms is None:
+        compiled = s.train_step.lower(abstract, batch).compile()
+    else:
+        compiled = s.train_step.trace(abstract, batch).lower(lowering_platforms=lowering_platforms).compile()
     return compiled, time.perf_counter() - t0
 
 

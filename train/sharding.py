@@ -33,8 +33,12 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-EXPERT_AXIS = "expert"  # the optional fourth mesh axis (mixture-of-experts models)
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch dimension is split over
+EXPERT_AXIS = "expert"  # the optional innermost mesh axis (mixture-of-experts models)
+# Multislice (several TPU slices joined by the data-center network): one more, outermost axis of pure data
+# parallelism across slices, so that only the gradient all-reduce crosses the slow network. The mesh has it
+# only when `mesh.dcn` > 1; `rules_for(mesh)` drops it from the table otherwise.
+DCN_AXIS = "dcn"
+BATCH_AXES = (DCN_AXIS, "data", "fsdp")  # the mesh axes the batch dimension is split over
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
@@ -82,22 +86,98 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all devices of all processes).
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[Any] | None = None, dcn: int = 1) -> Mesh:
+    """A mesh with axes ('data', 'fsdp', 'tensor') over `devices` (default: all devices of all processes),
+    and an outermost 'dcn' axis of size `dcn` (one entry per slice) when `dcn` > 1.
 
     Device order comes from `jax.make_mesh`, which lays axes along the physical interconnect (ICI rings on
-    TPU); the last axis (`tensor`) varies fastest, so tensor-parallel groups are neighbours."""
+    TPU); the last axis (`tensor`) varies fastest, so tensor-parallel groups are neighbours. Where that order
+    would give a process rows of the batch that are not one contiguous block (a 64-chip fsdp ring through
+    16 hosts of a v5p slice), and always across slices, devices are laid out process by process instead
+    (`_process_blocked`, the equivalent of `mesh_utils.create_hybrid_device_mesh(process_is_granule=True)`):
+    each host's chips stay neighbours on the innermost axes, slices follow each other along 'dcn'."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(shape, len(devices))
+    if dcn < 1 or len(devices) % dcn:
+        raise ShardingError(f"mesh.dcn={dcn} (slices) must be a positive divisor of the {len(devices)} devices.")
+    shape = resolve_mesh_shape(shape, len(devices) // dcn)
     axes = MESH_AXES + (EXPERT_AXIS,) if len(shape) > len(MESH_AXES) else MESH_AXES
-    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+    names, full = (axes, shape) if dcn == 1 else ((DCN_AXIS, *axes), (dcn, *shape))
+    types = (AxisType.Auto,) * len(names)
+    if dcn == 1:
+        mesh = jax.make_mesh(full, names, axis_types=types, devices=devices)
+        if _rows_contiguous(mesh):
+            return mesh
+    blocked = _process_blocked(full, devices)
+    if blocked is None:
+        raise ShardingError(f"mesh {dict(zip(names, full))}: the devices of each process cannot form one block of "
+                            f"it (each process has {len(devices) // len({d.process_index for d in devices})}); "
+                            f"choose sizes whose innermost axes hold a whole number of processes' devices.")
+    return Mesh(blocked, names, axis_types=types)
 
 
-def logical_to_spec(logical: Sequence[str | None] | None) -> PartitionSpec:
-    """The mesh PartitionSpec for an array with these logical axis names, under `LOGICAL_AXIS_RULES`."""
+def _rows_contiguous(mesh: Mesh) -> bool:
+    """Whether every process's devices cover one contiguous run of positions along the batch axes."""
+    lead = sum(1 for name in mesh.axis_names if name in BATCH_AXES)
+    grid = mesh.devices.reshape(math.prod(mesh.devices.shape[:lead]), -1)  # (batch positions, the rest)
+    spans: dict[int, list[int]] = {}
+    for row, devices in enumerate(grid):
+        for d in devices:
+            spans.setdefault(d.process_index, []).append(row)
+    return all(max(rows) - min(rows) + 1 == len(set(rows)) for rows in spans.values())
+
+
+def _process_blocked(shape: tuple[int, ...], devices: list[Any]) -> np.ndarray | None:
+    """`devices` as an array of `shape` in which each process's devices fill one block of the innermost axes,
+    and processes follow each other in (slice, process) order along the outer axes. None when the process's
+    device count does not factor into the innermost axes."""
+    by_process: dict[int, list[Any]] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    local = {len(v) for v in by_process.values()}
+    if len(local) != 1:
+        return None
+    left, inner = local.pop(), [1] * len(shape)
+    for i in reversed(range(len(shape))):  # the process's devices take the innermost axes first
+        inner[i] = math.gcd(left, shape[i])
+        left //= inner[i]
+    if left != 1:
+        return None
+    outer = [s // i for s, i in zip(shape, inner)]
+    order = sorted(by_process, key=lambda p: (getattr(by_process[p][0], "slice_index", 0) or 0, p))
+    out = np.empty(shape, dtype=object)
+    for n, p in enumerate(order):
+        at = np.unravel_index(n, outer)
+        block = tuple(slice(a * i, (a + 1) * i) for a, i in zip(at, inner))
+        out[block] = np.array(sorted(by_process[p], key=lambda d: d.id), dtype=object).reshape(inner)
+    return out
+
+
+def rules_for(mesh: Mesh | None) -> tuple[tuple[str, Any], ...]:
+    """`LOGICAL_AXIS_RULES` with the mesh axes that `mesh` lacks (`dcn` on a single slice) left out."""
+    if mesh is None:
+        return LOGICAL_AXIS_RULES
+    present = set(mesh.axis_names)
+
+    def keep(target):
+        if target is None or isinstance(target, str):
+            return target if target is None or target in present else None
+        kept = tuple(t for t in target if t in present)
+        return kept or None
+
+    return tuple((name, keep(target)) for name, target in LOGICAL_AXIS_RULES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over on this mesh."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, mesh: Mesh | None = None) -> PartitionSpec:
+    """The mesh PartitionSpec for an array with these logical axis names, under `LOGICAL_AXIS_RULES` (for
+    `mesh`'s axes when given)."""
     if logical is None:
         return PartitionSpec()
-    return nn.logical_to_mesh_axes(tuple(logical), LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_axes(tuple(logical), rules_for(mesh))
 
 
 def _axis_size(mesh: Mesh, entry: Any) -> int:
@@ -133,9 +213,7 @@ def shardings_for(boxed_tree: Any, mesh: Mesh) -> Any:
 
     def one(path, value, logical):
         logical = tuple(logical) if logical is not None else ()
-        spec = logical_to_spec(logical) if logical else PartitionSpec()
-        if EXPERT_AXIS in spec and EXPERT_AXIS not in mesh.axis_names:  # a mesh without the optional axis
-            spec = PartitionSpec(*(None if a == EXPERT_AXIS else a for a in spec))
+        spec = logical_to_spec(logical, mesh) if logical else PartitionSpec()
         check_divisible(_path_str(path), value.shape, spec, mesh, logical or None)
         return NamedSharding(mesh, spec)
 
@@ -166,8 +244,8 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> tuple[A
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Rows split over ('data', 'fsdp'), everything else whole — matches the `batch` rule."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    """Rows split over ('dcn', 'data', 'fsdp'), everything else whole — matches the `batch` rule."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -176,10 +254,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch(global_batch_size: int, micro_batches: int, mesh: Mesh) -> None:
     """The batch is split over data×fsdp, and each device's rows again into `micro_batches` micro-batches."""
-    shards = _axis_size(mesh, BATCH_AXES)
+    shards = _axis_size(mesh, batch_axes(mesh))
     if global_batch_size % (shards * micro_batches):
         raise ShardingError(
-            f"train.global_batch_size={global_batch_size} must be divisible by data×fsdp ({shards}) × "
+            f"train.global_batch_size={global_batch_size} must be divisible by {'×'.join(batch_axes(mesh))} "
+            f"({shards}) × "
             f"train.micro_batches ({micro_batches}) = {shards * micro_batches}."
         )
 

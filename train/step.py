@@ -32,7 +32,7 @@ import optax
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, output_kernel
 from train.optim import global_norm
-from train.sharding import BATCH_AXES, LOGICAL_AXIS_RULES
+from train.sharding import batch_axes, rules_for
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -179,7 +179,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         ctx_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else nullcontext()
-        with ctx_mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with ctx_mesh, nn.logical_axis_rules(rules_for(mesh)):
             n_tokens = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
             counts = (n_tokens, jnp.maximum(jnp.sum(batch["segment_ids"] != 0), 1).astype(jnp.float32))
             # LoRA dropout: a key per step (and micro-batch), so a resumed run draws the same masks.
@@ -192,7 +192,7 @@ def make_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule
                 def split(x):  # (B, ...) -> (k, B/k, ...), slice i = rows i, i+k, ...
                     x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
                     if mesh is not None:
-                        spec = jax.sharding.PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+                        spec = jax.sharding.PartitionSpec(None, batch_axes(mesh), *([None] * (x.ndim - 2)))
                         x = jax.lax.with_sharding_constraint(x, spec)
                     return x
 
@@ -244,7 +244,7 @@ def make_eval_step(cfg: LlamaConfig, *, loss_chunk: int = 1024, mesh: jax.shardi
 
     def eval_step(params, batch, frozen=None):
         ctx_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else nullcontext()
-        with ctx_mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with ctx_mesh, nn.logical_axis_rules(rules_for(mesh)):
             ce, _ = loss_sums(cfg, model_params(params, frozen, lora), batch, loss_chunk)
             return {"loss_sum": ce, "tokens": jnp.sum(loss_weights(batch))}
 
