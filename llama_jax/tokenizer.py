@@ -216,6 +216,7 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer file {path}: the BPE ranks are not exactly 0..{n - 1}")
+        self.ranks = ranks  # token bytes → rank (GGUF export builds its byte-level vocabulary from them)
         self.special_tokens = {tok: n + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self._enc = tiktoken.Encoding(
             name=Path(path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
