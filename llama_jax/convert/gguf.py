@@ -390,6 +390,8 @@ def _write(src: Source, tmp: Path, gguf_type: str, tokenizer: Any, chat_template
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_vocab_size(cfg.vocab_size)
+        if cfg.rope_scaling is not None:  # read back on import (llama.cpp uses it for YaRN only)
+            w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_seq_len)
         w.add_file_type(int(ftype))
         if gguf_type in ("q8_0", "q4_0"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -485,6 +487,16 @@ class GGUFSource(Source):
             raise ConvertError(f"{self.path}: unexpected tensor {extra[0]} ({len(extra)} in all); a dense llama "
                                f"file has only token_embd, blk.N.{{attn,ffn}}_*, output_norm, output and rope_freqs.")
         self.cfg = self.cfg.replace(param_dtype=dtype_name(self.dtype(("layers_0", "attention", "wq"))))
+        # llama.cpp keeps norms f32 in 16-bit files; where the values are exactly 16-bit ones (a 16-bit model
+        # exported), they come back in the model's dtype, so a round trip is bit-exact dtypes included.
+        self._narrow: dict[Key, np.dtype] = {}
+        dt = np_dtype(self.cfg.param_dtype)
+        if dt != np.float32:
+            for key in param_table(self.cfg):
+                if len(meta_shape(self.cfg, key)) == 1 and self.tensors[gguf_name(key)].tensor_type.name == "F32":
+                    x = self._read_raw(self.tensors[gguf_name(key)])
+                    if np.array_equal(x.astype(dt).astype(np.float32), x):
+                        self._narrow[key] = dt
 
     def _field(self, key: str, default: Any = ...) -> Any:
         f = self.reader.fields.get(key)
@@ -563,11 +575,14 @@ class GGUFSource(Source):
         return gguf.quants.dequantize(buf.reshape(byte_shape), t.tensor_type).astype(np.float32, copy=False)
 
     def dtype(self, key: Key) -> np.dtype:
+        if key in getattr(self, "_narrow", {}):
+            return self._narrow[key]
         name = self.tensors[gguf_name(key)].tensor_type.name
         return np_dtype({"F16": "float16", "BF16": "bfloat16"}.get(name, "float32"))
 
     def read(self, key: Key) -> np.ndarray:
-        return from_meta(self.cfg, key, self._read_raw(self.tensors[gguf_name(key)]))
+        x = self._read_raw(self.tensors[gguf_name(key)])
+        return from_meta(self.cfg, key, x.astype(self._narrow[key]) if key in self._narrow else x)
 
 
 def _f32(v: float) -> float:
