@@ -16,6 +16,7 @@ BENCHMARKS = {
     "convert": ("bench.bench_convert", "args"),
     "data": ("bench.bench_data", "args"),
     "scaling-fit": ("bench.bench_scaling_fit", "argv"),
+    "gguf": ("bench.bench_gguf", "args"),
 }
 
 

@@ -373,3 +373,72 @@ def test_cli_convert_to_and_from_gguf(tmp_path, capsys, sp_tok):
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "n.gguf"), "--to", "gguf"]) == 1
     err = capsys.readouterr().err
     assert "llama-jax convert: error:" in err and "pass --tokenizer" in err
+
+
+# ------------------------------------------------------------------------------------- llama.cpp itself
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a source build of llama.cpp, "
+                                                   "too slow for every CI run; see README, GGUF)")
+
+
+def _bench():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench.bench_gguf as b
+
+    return b
+
+
+@pytest.mark.parametrize("case", ["llama2-sp", "llama3-bpe-tied-scaled"])
+def test_llama_cpp_f32_logits_and_greedy_match_ours(tmp_path, llama_cpp, shared_data, case):
+    """An f32 export run by llama.cpp with an f32 KV cache: logits within 1e-4 of ours, 100 greedy tokens
+    identical (Llama 3 case: byte-level vocabulary, tied embeddings, rope_freqs past the original context)."""
+    b = _bench()
+    cfg = SMALL if case == "llama2-sp" else L3
+    tok = shared_data / "tokenizers" / ("llama2" if case == "llama2-sp" else "llama3") / "tokenizer.model"
+    params = random_params(cfg, std=0.05)
+    save(cfg, params, tmp_path / "m.gguf", format="gguf", gguf_type="f32", tokenizer=tok)
+    toks = [1 if cfg.vocab_size == 32000 else 128000] + list(tokens(cfg.vocab_size, 99, b=1)[0])
+    llm = b.open_llama_cpp(tmp_path / "m.gguf", 256)
+    ours, theirs = b.our_logits(cfg, params, toks), b.llama_cpp_logits(llm, toks)
+    assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
+    prompt = toks[:8]
+    assert b.llama_cpp_greedy(llm, prompt, 100) == b.our_greedy(cfg, params, prompt, 100)
+
+
+def test_llama_cpp_quantized_files(tmp_path, llama_cpp, sp_tok):
+    """Q8_0: greedy text identical for 32 tokens and perplexity within 1% of ours (f32); Q4_K_M (llama.cpp's
+    own quantizer) within 5%. On a random model whose next-token distribution is peaked enough that
+    perplexity responds to weight error (std 0.05 weights)."""
+    b = _bench()
+    cfg = SMALL
+    params = random_params(cfg, std=0.05)
+    rng = np.random.default_rng(1)
+    windows = [[1] + list(rng.integers(3, cfg.vocab_size, 127)) for _ in range(2)]
+    prompt = windows[0][:8]
+    for gtype, tol in (("q8_0", 0.01), ("q4_k_m", 0.05)):
+        save(cfg, params, tmp_path / f"{gtype}.gguf", format="gguf", gguf_type=gtype, tokenizer=sp_tok)
+        r = b.compare(tmp_path / f"{gtype}.gguf", cfg, params, windows, prompt, 32)
+        assert abs(r["ppl_llama_cpp"] / r["ppl_ours"] - 1) < tol, r
+        if gtype == "q8_0":
+            assert r["greedy_identical_prefix"] == 32, r
+    kv, ts = fields(tmp_path / "q4_k_m.gguf")
+    assert kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert ts["blk.0.attn_q.weight"].tensor_type in (Q.Q4_K, Q.Q5_0, Q.Q8_0, Q.Q4_0)
+    cfg2, _ = load(tmp_path / "q4_k_m.gguf")  # our reader dequantizes what llama.cpp wrote
+    assert cfg2.replace(param_dtype="float32") == cfg
+
+
+def test_llama_cpp_shared_file_logits_equal_ours(llama_cpp, shared_data):
+    """The llama.cpp-written shared file: llama.cpp's logits and ours on our import agree."""
+    b = _bench()
+    src = shared_data / "gguf" / "llama-2-tiny-random.gguf"
+    cfg, params = load(src, dtype="float32")
+    toks = [1] + list(tokens(cfg.vocab_size, 63, b=1)[0])
+    ours, theirs = b.our_logits(cfg, params, toks), b.llama_cpp_logits(b.open_llama_cpp(src, 64), toks)
+    # llama.cpp multiplies F16 weights with activations rounded to f16 (ggml's vec-dot type for F16).
+    assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max()), np.abs(ours - theirs).max()
