@@ -410,27 +410,36 @@ def test_llama_cpp_f32_logits_and_greedy_match_ours(tmp_path, llama_cpp, shared_
     assert b.llama_cpp_greedy(llm, prompt, 100) == b.our_greedy(cfg, params, prompt, 100)
 
 
-def test_llama_cpp_quantized_files(tmp_path, llama_cpp, sp_tok):
-    """Q8_0: greedy text identical for 32 tokens and perplexity within 1% of ours (f32); Q4_K_M (llama.cpp's
-    own quantizer) within 5%. On a random model whose next-token distribution is peaked enough that
-    perplexity responds to weight error (std 0.05 weights)."""
+def test_llama_cpp_quantized_files(tmp_path, llama_cpp, shared_data):
+    """Q8_0: perplexity within 1% of ours (f32), logits within 5% of their range; Q4_K_M (llama.cpp's own
+    quantizer) within 5%. A random model over a 400-piece SentencePiece vocabulary trained here, on
+    Shakespeare windows. Greedy text is not compared here: a random model's next-token distribution is
+    nearly flat, so 8-bit noise (llama.cpp also quantizes the activations for Q8_0 products) flips near-ties
+    within a few tokens (measured: 11-13 identical). The greedy checks run on the quickstart's trained
+    model (bench/bench_gguf.py; README, GGUF)."""
+    from llama_jax.tokenizer import train_sentencepiece
+
     b = _bench()
-    cfg = SMALL
-    params = random_params(cfg, std=0.05)
-    rng = np.random.default_rng(1)
-    windows = [[1] + list(rng.integers(3, cfg.vocab_size, 127)) for _ in range(2)]
+    text = (shared_data / "corpus" / "tinyshakespeare.txt").read_text()[:200_000]
+    tok_path = train_sentencepiece([text], 400, tmp_path / "tok")
+    tok = load_tokenizer(tok_path)
+    # Rows of 256 (K-quant blocks); narrower rows would fall back to Q5_0 in llama.cpp's Q4_K_M.
+    cfg = SMALL.replace(dim=256, vocab_size=400, multiple_of=256)
+    params = random_params(cfg, std=0.02)  # GPT-style init scale: larger random weights make the net chaotic
+    ids = tok.encode(text[-20_000:])
+    windows = [[tok.bos_id] + ids[i:i + 127] for i in (0, 127, 254)]
     prompt = windows[0][:8]
     for gtype, tol in (("q8_0", 0.01), ("q4_k_m", 0.05)):
-        save(cfg, params, tmp_path / f"{gtype}.gguf", format="gguf", gguf_type=gtype, tokenizer=sp_tok)
+        save(cfg, params, tmp_path / f"{gtype}.gguf", format="gguf", gguf_type=gtype, tokenizer=tok_path)
         r = b.compare(tmp_path / f"{gtype}.gguf", cfg, params, windows, prompt, 32)
         assert abs(r["ppl_llama_cpp"] / r["ppl_ours"] - 1) < tol, r
         if gtype == "q8_0":
-            assert r["greedy_identical_prefix"] == 32, r
+            assert r["max_abs_logit_diff"] < 0.05 * r["max_abs_logit"], r
     kv, ts = fields(tmp_path / "q4_k_m.gguf")
     assert kv["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    assert ts["blk.0.attn_q.weight"].tensor_type in (Q.Q4_K, Q.Q5_0, Q.Q8_0, Q.Q4_0)
-    cfg2, _ = load(tmp_path / "q4_k_m.gguf")  # our reader dequantizes what llama.cpp wrote
-    assert cfg2.replace(param_dtype="float32") == cfg
+    assert ts["blk.0.attn_q.weight"].tensor_type == Q.Q4_K and ts["output.weight"].tensor_type == Q.Q6_K
+    cfg2, _ = load(tmp_path / "q4_k_m.gguf")  # our reader dequantizes what llama.cpp's quantizer wrote
+    assert cfg2 == cfg
 
 
 def test_llama_cpp_shared_file_logits_equal_ours(llama_cpp, shared_data):

@@ -26,7 +26,7 @@ quantizer (`llama_model_quantize` of llama-cpp-python) from an exact f32/f16/bf1
 Streaming: the header and tensor table are written first (every shape and byte size is known from the
 config), then each tensor is read, converted and quantized, written and dropped, so memory stays near
 two copies of the largest tensor. Import reads each tensor's bytes with plain file reads (no mmap pages
-left resident) and dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K with the gguf package; f32/f16/bf16
+left resident) and dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K (and Q4_1/Q5_0/Q5_1) with the gguf package; f32/f16/bf16
 stay as stored (bit-exact), quantized tensors become float32.
 
 Tokenizer: SentencePiece (`tokenizer.ggml.model = llama`: pieces, scores, types) or Llama 3's tiktoken
@@ -451,7 +451,8 @@ def _write_k_quant(src: Source, out: Path, *, tokenizer: Any, chat_template: str
 # ------------------------------------------------------------------------------------------------ source
 
 # Tensor types this reader dequantizes (what the gguf package can; others are refused by name).
-READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K",
+              "Q4_1", "Q5_0", "Q5_1")  # the last three: what llama.cpp's K-quant mixes fall back to for narrow rows
 
 
 class GGUFSource(Source):
