@@ -18,6 +18,7 @@ BENCHMARKS = {
     "ops": ("bench.ops", "args"),
     "scaling-fit": ("bench.bench_scaling_fit", "argv"),
     "lora": ("bench.bench_lora", "args"),
+    "gguf": ("bench.bench_gguf", "args"),
 }
 
 

@@ -254,6 +254,7 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer file {path}: the BPE ranks are not exactly 0..{n - 1}")
+        self.ranks = ranks  # token bytes → rank (GGUF export builds its byte-level vocabulary from them)
         self.family = "llama4" if n == LLAMA4_BASE_RANKS else "llama3"
         llama4 = self.family == "llama4"
         specials = LLAMA4_SPECIAL_TOKENS if llama4 else LLAMA3_SPECIAL_TOKENS

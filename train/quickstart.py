@@ -136,4 +136,7 @@ def main(args: argparse.Namespace) -> int:
         _say("      ---- sample ----\n" + text)
     _say(f"done in {time.perf_counter() - t0:.0f}s. Run directory: {run_dir} (metrics.jsonl, checkpoints/, "
          f"tensorboard/). Next: llama-jax eval {run_dir}; llama-jax train --config configs/debug-cpu.yaml")
+    _say(f"To run it in llama.cpp, export it to GGUF (the tokenizer comes from the run's data):\n"
+         f"      llama-jax convert {run_dir}/checkpoints {work}/model-q8_0.gguf --to gguf --gguf-type q8_0\n"
+         f"      llama-cli -m {work}/model-q8_0.gguf -p 'import os' -n 64")
     return 0

@@ -1,12 +1,14 @@
-"""Checkpoints to and from PyTorch (Meta's consolidated format, Hugging Face) and orbax.
+"""Checkpoints to and from PyTorch (Meta's consolidated format, Hugging Face), orbax and GGUF (llama.cpp).
 
-    cfg, params = load(path)                       # Meta, Hugging Face or orbax, detected
-    save(cfg, params, path, format="hf")           # "meta" | "hf" | "orbax"
+    cfg, params = load(path)                       # Meta, Hugging Face, orbax or GGUF, detected
+    save(cfg, params, path, format="hf")           # "meta" | "hf" | "orbax" | "gguf"
     convert(src, dst, to="meta", num_shards=8)     # file to file, streaming
+    convert(run_dir, "m.gguf", to="gguf", gguf_type="q8_0")   # for llama.cpp (see gguf.py)
 
 `params` is the plain pytree that `Llama(cfg).apply({"params": params}, tokens)` accepts. Format
 detection: a directory with `params.json` is Meta's, with `config.json` Hugging Face's, an orbax
-checkpoint (run directory with `checkpoints/`, manager directory, or step directory) is orbax.
+checkpoint (run directory with `checkpoints/`, manager directory, or step directory) is orbax, a file
+that starts with the GGUF magic is GGUF.
 
 Everything streams tensor by tensor (see `common.py`): file-to-file conversion in any direction (Meta,
 Hugging Face, orbax) holds at most about two copies of the largest tensor in host memory, not the model
@@ -23,6 +25,7 @@ chunks. Dtypes are kept as stored unless `dtype` asks for a cast. Bad input fail
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +37,20 @@ from llama_jax.convert.common import ConvertError, Source, TreeSource, dtype_nam
 
 __all__ = ["ConvertError", "FORMATS", "convert", "detect_format", "load", "open_source", "restore_params", "save"]
 
-FORMATS = ("meta", "hf", "orbax")
+FORMATS = ("meta", "hf", "orbax", "gguf")
 TOKENIZER_FILES = ("tokenizer.model",)  # copied along by file-to-file conversion between Meta and HF
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"meta", "hf" or "orbax" for a checkpoint directory; a ConvertError otherwise."""
+    """"meta", "hf" or "orbax" for a checkpoint directory, "gguf" for a GGUF file; a ConvertError otherwise."""
+    from llama_jax.convert.gguf import is_gguf
     from llama_jax.convert.orbax import is_orbax
 
     p = Path(path)
     if not p.exists():
         raise ConvertError(f"{p}: no such file or directory.")
+    if is_gguf(p):
+        return "gguf"
     if p.is_file():
         raise ConvertError(f"{p}: expected a checkpoint directory (params.json + consolidated.NN.pth, config.json + "
                            f"*.safetensors, or an orbax checkpoint), got a file; pass its directory.")
@@ -69,6 +75,10 @@ def open_source(path: str | os.PathLike) -> Source:
         from llama_jax.convert.hf import HFSource
 
         return HFSource(path)
+    if fmt == "gguf":
+        from llama_jax.convert.gguf import GGUFSource
+
+        return GGUFSource(path)
     from llama_jax.convert.orbax import OrbaxSource
 
     return OrbaxSource(path)
@@ -155,15 +165,26 @@ def _load_peft(path, base, *, dtype, shardings) -> tuple[LlamaConfig, Any]:
 
 
 def save(cfg: LlamaConfig, params: Any, path: str | os.PathLike, format: str = "meta", num_shards: int = 1,
-         dtype: Any = None) -> Path:
+         dtype: Any = None, gguf_type: str = "f16", tokenizer: str | os.PathLike | None = None) -> Path:
     """Write `params` (the pytree of `Llama(cfg)`, either layer layout, boxed or not) to `path`.
 
     format "meta": params.json + `num_shards` model-parallel consolidated.NN.pth files; "hf": config.json +
     safetensors (`num_shards` files with an index when > 1); "orbax": a manager directory with step 0
-    (`num_shards` must be 1). `dtype` casts on the way out. The output appears under `path` only when
-    complete."""
+    (`num_shards` must be 1); "gguf": one `.gguf` file of type `gguf_type` (f32, f16, bf16, q8_0, q4_0,
+    q4_k_m) with `tokenizer` (the model's tokenizer.model) embedded. `dtype` casts on the way out. The
+    output appears under `path` only when complete."""
     if format not in FORMATS:
         raise ConvertError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
+    if format == "gguf":
+        if num_shards != 1 or dtype is not None:
+            raise ConvertError("GGUF output is one file whose tensor types gguf_type sets; num_shards and dtype "
+                               "apply to the other formats.")
+        if jax.process_count() > 1:
+            raise ConvertError("save(format='gguf') writes one file from one process; in a multi-host run save to "
+                               "orbax, then convert that checkpoint on one host.")
+        from llama_jax.convert.gguf import write_gguf
+
+        return write_gguf(TreeSource(cfg, params), path, gguf_type=gguf_type, tokenizer=tokenizer)
     if format == "orbax":
         from llama_jax.convert.orbax import save_orbax
 
@@ -189,17 +210,30 @@ def _write(src: Source, path: str | os.PathLike, format: str, num_shards: int, d
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int = 1, dtype: Any = None,
-            scan_layers: bool = False) -> Path:
+            scan_layers: bool = False, gguf_type: str = "f16", tokenizer: str | os.PathLike | None = None) -> Path:
     """Convert the checkpoint at `src` (any format) into format `to` at `dst`, tensor by tensor.
 
     Host memory stays near twice the largest tensor in every direction. To Meta/HF, `tokenizer.model` is
-    copied along when present. To orbax each parameter is placed on the default device and written
-    before the next is read; `scan_layers` stores the layers stacked (each stacked leaf assembled one
-    layer at a time); a multi-host run converts on one host."""
+    copied along when present (from a GGUF source: written from its vocabulary). To orbax each parameter
+    is placed on the default device and written before the next is read; `scan_layers` stores the layers
+    stacked (each stacked leaf assembled one layer at a time); a multi-host run converts on one host.
+    To GGUF (`gguf_type`), the tokenizer is `tokenizer`, else `tokenizer.model` next to the checkpoint,
+    else the one of the training run's data (see `gguf.find_tokenizer`)."""
     if to not in FORMATS:
         raise ConvertError(f"unknown format {to!r}; expected one of {', '.join(FORMATS)}.")
     if scan_layers and to != "orbax":
         raise ConvertError("scan_layers (stacked layers) applies to orbax output only; Meta and HF files are per layer.")
+    if to == "gguf":
+        from llama_jax.convert.gguf import find_tokenizer, write_gguf
+
+        if num_shards != 1 or dtype is not None:
+            raise ConvertError("GGUF output is one file whose tensor types --gguf-type sets; --num-shards and "
+                               "--dtype apply to the other formats.")
+        tok = tokenizer if tokenizer is not None else find_tokenizer(src)
+        with open_source(src) as source:
+            return write_gguf(source, dst, gguf_type=gguf_type, tokenizer=tok)
+    if detect_format(src) == "gguf":
+        return _convert_from_gguf(src, dst, to, num_shards=num_shards, dtype=dtype, scan_layers=scan_layers)
     if to == "orbax":
         from llama_jax.convert.orbax import write_orbax
 
@@ -210,6 +244,26 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
     extra = tuple(Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file())
     with open_source(src) as source:
         return _write(source, dst, to, num_shards, dtype, extra)
+
+
+def _convert_from_gguf(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int, dtype: Any,
+                      scan_layers: bool) -> Path:
+    import tempfile
+
+    from llama_jax.convert.gguf import GGUFSource, write_tokenizer
+    from llama_jax.convert.orbax import write_orbax
+
+    with open_source(src) as source, tempfile.TemporaryDirectory() as tmp:
+        assert isinstance(source, GGUFSource)
+        tok = write_tokenizer(source.reader, Path(tmp), str(src))
+        if to == "orbax":
+            if num_shards != 1:
+                raise ConvertError("--num-shards applies to the meta and hf formats; orbax shards by itself.")
+            out = write_orbax(source, dst, dtype=dtype, scan_layers=scan_layers)
+            if tok is not None:  # beside the checkpoint steps, where `llama-jax generate --tokenizer` can find it
+                shutil.copyfile(tok, Path(out) / tok.name)
+            return out
+        return _write(source, dst, to, num_shards, dtype, (tok,) if tok is not None else ())
 
 
 def restore_params(path: str | os.PathLike, cfg: LlamaConfig, shardings: Any = None) -> Any:

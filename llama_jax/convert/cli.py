@@ -1,4 +1,4 @@
-"""`llama-jax convert SRC DST --to {meta,hf,orbax}`: checkpoint conversion, streaming tensor by tensor."""
+"""`llama-jax convert SRC DST --to {meta,hf,orbax,gguf}`: checkpoint conversion, streaming tensor by tensor."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import sys
 import time
 
-HELP = "convert checkpoints between Meta (.pth), Hugging Face (safetensors) and orbax"
+HELP = "convert checkpoints between Meta (.pth), Hugging Face (safetensors), orbax and GGUF (llama.cpp)"
 EXAMPLE = ("llama-jax convert ~/llama-3.2-1b-meta /tmp/llama-3.2-1b-hf --to hf --dtype bfloat16\n"
+           "  llama-jax convert quickstart/run/checkpoints out.gguf --to gguf --gguf-type q8_0\n"
            "  llama-jax convert runs/sft-lora /tmp/adapter --to peft              # a LoRA run's adapter, for peft\n"
            "  llama-jax convert runs/sft-lora /tmp/merged-hf --to hf --merge-lora  # base + adapter in one checkpoint")
 
@@ -15,11 +16,16 @@ EXAMPLE = ("llama-jax convert ~/llama-3.2-1b-meta /tmp/llama-3.2-1b-hf --to hf -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint directory: Meta (params.json + consolidated.NN.pth), Hugging Face "
                                     "(config.json + *.safetensors) or orbax (run, manager or step directory); "
-                                    "the format is detected")
-    parser.add_argument("dst", help="output directory (must not exist, or be empty); it appears only when complete")
-    parser.add_argument("--to", required=True, choices=("meta", "hf", "orbax", "peft"),
+                                    "or a .gguf file; the format is detected")
+    parser.add_argument("dst", help="output directory (must not exist, or be empty), or a new .gguf file with "
+                                    "--to gguf; it appears only when complete")
+    parser.add_argument("--to", required=True, choices=("meta", "hf", "orbax", "gguf", "peft"),
                         help="output format; peft: a LoRA run's adapter alone (adapter_config.json + "
                              "adapter_model.safetensors)")
+    parser.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"), default="f16",
+                        help="gguf: tensor type (default f16; q4_k_m needs llama-cpp-python for llama.cpp's quantizer)")
+    parser.add_argument("--tokenizer", default=None, metavar="TOKENIZER_FILE",
+                        help="gguf: the tokenizer.model to embed (default: beside SRC, or the training run's data)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="SRC is a LoRA run (or a peft adapter directory): write base + adapter merged")
     parser.add_argument("--base", metavar="DIR",
@@ -52,7 +58,7 @@ def _convert(args: argparse.Namespace):
     fmt = detect_format(args.src)
     print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
     return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
-                   scan_layers=args.scan_layers)
+                   scan_layers=args.scan_layers, gguf_type=args.gguf_type, tokenizer=args.tokenizer)
 
 
 def _lora(args: argparse.Namespace):
