@@ -30,11 +30,11 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         fmt = detect_format(args.src)
-        print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
+        print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", flush=True)
         out = convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
                       scan_layers=args.scan_layers)
     except ConvertError as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
