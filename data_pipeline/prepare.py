@@ -447,7 +447,7 @@ def prepare(
     if train_tokenizer and not vocab_size:
         raise ValueError("training a tokenizer needs a vocab_size (--vocab-size N)")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    # Check first, write after: inputs and a given tokenizer are checked before the output directory exists.
     files = expand_inputs(inputs, fmt)
     if not files:
         raise ValueError("no inputs given")
@@ -458,11 +458,15 @@ def prepare(
     else:
         for f in files:
             check_input(f, text_field)
+    tok = None if train_tokenizer else load_tokenizer(tokenizer)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         hashes = hash_files(files, workers=min(8, os.cpu_count() or 1))
         if train_tokenizer:
             tokenizer = _train_tokenizer(files, out, int(vocab_size), options, hashes, tokenizer_sample_bytes, log)
-        tok = load_tokenizer(tokenizer)
+            tok = load_tokenizer(tokenizer)
         total_bytes = sum(f.size for f in files)
         unit_bytes = int(unit_bytes or default_unit_bytes(total_bytes))
         units = plan_units(files, unit_bytes, options["split_blank_lines"])
@@ -553,7 +557,8 @@ def prepare(
         )
         skipped = {k: v for k, v in manifest["skipped"].items() if v}
         if skipped:
-            log(f"skipped documents: {skipped}")
+            reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in skipped.items())
+            log(f"skipped {sum(skipped.values()):,} document(s): {reasons} (counts by reason in manifest.json)")
         for e in manifest["errors"]:
             log(f"warning: {e['file']}: {e['reason']} ({e['error']}); {e['documents_before_error']} documents read before it were kept")
         return manifest

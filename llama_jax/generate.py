@@ -158,12 +158,12 @@ def decode_step(cfg: LlamaConfig, params: dict, tokens: Array, positions: Array,
 @partial(jax.jit, static_argnames=("cfg", "capacity", "greedy", "use_top_k", "use_top_p"), donate_argnames=("cache",))
 def decode(cfg: LlamaConfig, params: dict, cache: dict, logits: Array, lengths: Array, key: Array,
            max_new_tokens: Array, temperature: Array, top_k: Array, top_p: Array, stop_ids: Array, pad_id: Array,
-           *, capacity: int, greedy: bool, use_top_k: bool, use_top_p: bool) -> tuple[Array, Array, dict]:
+           vocab_limit: Array, *, capacity: int, greedy: bool, use_top_k: bool, use_top_p: bool) -> tuple[Array, Array, dict]:
     """The decode loop, from the prefill's cache and logits, as one `lax.while_loop`.
 
     Token i (0-based) of every row is drawn from the logits with `jax.random.fold_in(key, i)` and written
     to out[:, i]; the loop ends after `max_new_tokens` tokens or once every row has drawn a stop id (rows
-    already stopped get `pad_id`). `capacity` (static, at most the cache's free slots) sizes the output:
+    already stopped get `pad_id`); ids ≥ `vocab_limit` are never drawn. `capacity` (static, at most the cache's free slots) sizes the output:
     returns out (B, capacity) int32, the number of tokens produced, n ≤ min(max_new_tokens, capacity), and
     the cache (the input one is donated and updated in place; the last drawn token is not yet in it). Row
     b's token i sits at rotary position lengths[b] + i."""
@@ -171,8 +171,10 @@ def decode(cfg: LlamaConfig, params: dict, cache: dict, logits: Array, lengths: 
     sample = partial(sample_logits, temperature=0.0 if greedy else temperature,
                      top_k=top_k if use_top_k else None, top_p=top_p if use_top_p else None)
 
+    allowed = jnp.arange(logits.shape[-1]) < vocab_limit  # (V,)
+
     def draw(logits, i, done):
-        tok = sample(logits, jax.random.fold_in(key, i))
+        tok = sample(jnp.where(allowed, logits, -jnp.inf), jax.random.fold_in(key, i))
         tok = jnp.where(done, pad_id, tok)
         return tok, done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
@@ -207,7 +209,7 @@ def _stop_array(stop_ids: Sequence[int]) -> Array:
 def generate(cfg: LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              key: Array | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
-             max_len: int | None = None) -> list[list[int]]:
+             max_len: int | None = None, vocab_limit: int | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids; include BOS yourself) by up to `max_new_tokens` tokens.
 
     Returns the new tokens of each prompt, cut before its first stop id (the stop id itself is not
@@ -220,6 +222,9 @@ def generate(cfg: LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     rounded up by `bucket`, plus `max_new_tokens`, rounded up again. `pad_id` fills the left padding and
     rows that have stopped; it is never attended, so any id inside the vocabulary will do. `params` is the
     plain parameter tree (`Llama(cfg).init(...)["params"]`, boxed or not) in `cfg.scan_layers`'s layout.
+    `vocab_limit` (default: the model's vocabulary) keeps ids ≥ it from being drawn: a model whose embedding
+    is larger than its tokenizer (trained on data of a smaller vocabulary) never emits an id the tokenizer
+    cannot decode.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}.")
@@ -231,6 +236,8 @@ def generate(cfg: LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], *,
         bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {row} has token id {bad[0]} outside the model's vocabulary [0, {cfg.vocab_size}).")
+    if vocab_limit is not None and not 0 < vocab_limit <= cfg.vocab_size:
+        raise ValueError(f"vocab_limit {vocab_limit} is outside (0, {cfg.vocab_size}], the model's vocabulary.")
     if not 0 <= pad_id < cfg.vocab_size:
         raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {cfg.vocab_size}).")
     greedy = temperature == 0
@@ -269,7 +276,7 @@ def generate(cfg: LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], *,
     out, n, _ = decode(
         cfg, params, cache, logits, lengths, key if key is not None else jax.random.key(0),
         jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(top_p or 1.0),
-        _stop_array(stop_ids), jnp.int32(pad_id),
+        _stop_array(stop_ids), jnp.int32(pad_id), jnp.int32(vocab_limit or cfg.vocab_size),
         capacity=capacity, greedy=greedy, use_top_k=top_k is not None, use_top_p=top_p is not None,
     )
     out = np.asarray(out[:, : int(n)])

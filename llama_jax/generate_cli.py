@@ -10,6 +10,7 @@ from pathlib import Path
 HELP = "continue text prompts with a checkpoint (greedy or temperature / top-k / top-p sampling)"
 EXAMPLE = ("llama-jax generate /models/llama2-7b --tokenizer /models/llama2-7b/tokenizer.model "
            "--prompt 'The capital of France is' --max-new-tokens 32\n"
+           "  llama-jax generate quickstart/run --prompt 'import os'  # a training run finds its own tokenizer\n"
            "  llama-jax generate ckpt/ --tokenizer tokenizer.model --prompt 'Once upon a time' --prompt 'def fib(n):' "
            "--temperature 0.8 --top-p 0.95 --seed 1 --dtype bfloat16\n"
            "  llama-jax generate Meta-Llama-3-8B-Instruct/ --tokenizer Meta-Llama-3-8B-Instruct/tokenizer.model --chat "
@@ -21,8 +22,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="model weights in any format `llama_jax.convert.load` reads "
                                            "(orbax, Meta consolidated.*.pth, Hugging Face safetensors)")
-    parser.add_argument("--tokenizer", required=True, metavar="TOKENIZER_FILE",
-                        help="tokenizer.model (SentencePiece for LLaMA 1/2, tiktoken format for Llama 3)")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER_FILE",
+                        help="tokenizer.model (SentencePiece for LLaMA 1/2, tiktoken format for Llama 3); default: "
+                             "tokenizer.model beside the checkpoint, or for a training run the tokenizer its data "
+                             "manifest records")
     parser.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                         help="a prompt (repeat for a batch; each is encoded with BOS)")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to add per prompt "
@@ -53,13 +56,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    ckpt, tok_path = Path(args.checkpoint), Path(args.tokenizer)
+    ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ValueError(f"checkpoint {ckpt} does not exist.")
-    if not tok_path.exists():
-        raise ValueError(f"tokenizer file {tok_path} does not exist.")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise ValueError(f"tokenizer file {args.tokenizer} does not exist.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+
+    from llama_jax.convert import find_tokenizer
+
+    tok_path = Path(args.tokenizer) if args.tokenizer is not None else find_tokenizer(ckpt)
+    if tok_path is None:
+        raise ValueError(f"no tokenizer found for {ckpt} (no tokenizer.model beside it, and it is not inside a "
+                         f"training run whose data manifest names one); pass --tokenizer FILE.")
 
     import jax
 
@@ -72,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model in {ckpt} has a "
                          f"vocabulary of {cfg.vocab_size}; they do not belong together.")
+    if args.tokenizer is None:
+        print(f"tokenizer: {tok_path}", file=sys.stderr)
     # Run in whichever layer layout the weights are stored in (stacked `layers` or `layers_0`, ...).
     cfg = cfg.replace(scan_layers="layers" in params, remat="none", **({"dtype": args.dtype} if args.dtype else {}))
 
@@ -91,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outs = generate(cfg, params, prompts, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    stop_ids=tuple(sorted(stop_ids)))
+                    stop_ids=tuple(sorted(stop_ids)), vocab_limit=tok.vocab_size)
     seconds = time.perf_counter() - start
     for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outs)):
         if args.chat:  # the assistant's answer alone, without its end-of-turn token

@@ -40,6 +40,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "load_tokenizer",
+    "run_tokenizer",
     "train_sentencepiece",
     "LLAMA3_PATTERN",
     "LLAMA3_SPECIAL_TOKENS",
@@ -254,7 +255,7 @@ class TiktokenTokenizer(Tokenizer):
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer file {path}: the BPE ranks are not exactly 0..{n - 1}")
-        self.ranks = ranks  # token bytes → rank (GGUF export builds its byte-level vocabulary from them)
+        self.ranks = ranks  # token bytes → rank (GGUF and Hugging Face tokenizer exports are built from them)
         self.family = "llama4" if n == LLAMA4_BASE_RANKS else "llama3"
         llama4 = self.family == "llama4"
         specials = LLAMA4_SPECIAL_TOKENS if llama4 else LLAMA3_SPECIAL_TOKENS
@@ -418,6 +419,43 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             "tokenizer.model (LLaMA 1/2) or a tiktoken BPE tokenizer.model (Llama 3)"
         )
     return SentencePieceTokenizer(str(p), data, sha)
+
+
+def run_tokenizer(checkpoint: str | os.PathLike) -> Path | None:
+    """The tokenizer a training run was trained with, for a path inside the run (the run directory, its
+    `checkpoints/` or a step directory): the run's `config.yaml` names the prepared data (`data.path`: a
+    directory, a list or a {directory: weight} mapping), whose `manifest.json` records the tokenizer file
+    beside it and its sha256. None when the path is not inside a run or the run's data names no tokenizer;
+    a ValueError when the file is missing or is not the one the data was prepared with."""
+    import json
+
+    import yaml
+
+    p = Path(checkpoint).absolute()
+    run = next((d for d in (p, p.parent, p.parent.parent)
+                if (d / "config.yaml").is_file() and (d / "checkpoints").is_dir()), None)
+    if run is None:
+        return None
+    try:
+        data = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    path = data.get("path") if isinstance(data, dict) and not data.get("synthetic") else None
+    dirs = list(path) if isinstance(path, (list, dict)) else [path] if isinstance(path, str) else []
+    for d in dirs:
+        manifest = Path(str(d)) / "manifest.json"
+        try:
+            info = json.loads(manifest.read_text())["tokenizer"]
+            name, sha = info["file"], info["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        file = manifest.parent / name
+        if not file.is_file():
+            raise ValueError(f"{manifest} names the tokenizer {file}, which does not exist.")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != sha:
+            raise ValueError(f"tokenizer {file} is not the one {manifest} was prepared with (sha256 differs).")
+        return file
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- training

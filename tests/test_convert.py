@@ -437,9 +437,14 @@ def test_meta_to_hf_to_meta_streaming_is_bit_exact(tmp_path):
     """File to file through the HF layout (q/k permuted and back), sharded on both sides, bf16."""
     p = dict(LLAMA3_PARAMS)
     make_meta(tmp_path / "a", p, vocab=256, shards=2, dtype=torch.bfloat16, emb_dim=1)
-    (tmp_path / "a" / "tokenizer.model").write_bytes(b"not read here, only copied")
+    # The tokenizer beside a checkpoint goes along, as files transformers reads: one that is not a tokenizer
+    # is refused before anything is written (tests/test_hf_export.py exports real ones).
+    (tmp_path / "a" / "tokenizer.model").write_bytes(b"not a tokenizer")
+    with pytest.raises(ConvertError, match=r"a/tokenizer\.model: cannot read the tokenizer to export"):
+        convert(tmp_path / "a", tmp_path / "hf", "hf", num_shards=3)
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "a" / "tokenizer.model").unlink()
     convert(tmp_path / "a", tmp_path / "hf", "hf", num_shards=3)
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"not read here, only copied"
     assert len(list((tmp_path / "hf").glob("model-0000?-of-00003.safetensors"))) == 3
     convert(tmp_path / "hf", tmp_path / "b", "meta", num_shards=2)
     assert json.loads((tmp_path / "b" / "params.json").read_text()) == p

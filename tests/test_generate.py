@@ -353,3 +353,21 @@ def test_cli_end_to_end_on_a_saved_orbax_checkpoint(tmp_path, shared_data, cli_m
     ids = tok.encode("A tiny model says", bos=True)
     [new] = generate(cfg, params, [ids], max_new_tokens=5, stop_ids=tuple(tok.stop_ids))
     assert out.strip() == "A tiny model says" + tok.decode(ids + new)[len(tok.decode(ids)):].rstrip()
+
+
+def test_vocab_limit_keeps_ids_the_tokenizer_lacks_from_being_drawn(unrolled):
+    """A model whose vocabulary (96) is larger than its tokenizer's (here 40 ids): sampled and greedy tokens
+    stay below the limit, and greedy decoding equals the argmax over the allowed ids of the uncached forward."""
+    limit = 40
+    free = generate(BASE, unrolled, PROMPTS, max_new_tokens=24, temperature=2.0, key=jax.random.key(0))
+    assert max(max(row) for row in free) >= limit  # without the limit, such ids are drawn
+    for temperature in (2.0, 0.0):
+        out = generate(BASE, unrolled, PROMPTS, max_new_tokens=24, temperature=temperature, key=jax.random.key(0),
+                       vocab_limit=limit)
+        assert all(0 <= t < limit for row in out for t in row) and all(len(row) == 24 for row in out)
+    seq = PROMPTS[0] + out[0][:4]
+    logits = forward(BASE, unrolled, seq)  # (T, V)
+    want = [int(np.argmax(logits[len(PROMPTS[0]) - 1 + i, :limit])) for i in range(4)]
+    assert out[0][:4] == want
+    with pytest.raises(ValueError, match="vocab_limit 97 is outside"):
+        generate(BASE, unrolled, PROMPTS, max_new_tokens=2, vocab_limit=V + 1)

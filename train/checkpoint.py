@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from llama_jax.config import LlamaConfig
+from llama_jax.convert.orbax import failed_restores_are_quiet, short_error
 
 ITEMS = ("params", "opt_state", "llama_config", "data", "meta")
 
@@ -107,15 +108,16 @@ class Checkpointer:
         """(state placed on the shardings, data item, meta item) of checkpoint `step`."""
         step_dir = self.directory / str(step)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(abstract_state.params, state_shardings.params)),
-                opt_state=ocp.args.StandardRestore(_abstract(abstract_state.opt_state, state_shardings.opt_state)),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ))
+            with failed_restores_are_quiet():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(_abstract(abstract_state.params, state_shardings.params)),
+                    opt_state=ocp.args.StandardRestore(_abstract(abstract_state.opt_state, state_shardings.opt_state)),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(
-                f"checkpoint {step_dir} cannot be restored ({type(e).__name__}: {_short(e)}). It is damaged or was "
+                f"checkpoint {step_dir} cannot be restored ({type(e).__name__}: {short_error(e)}). It is damaged or was "
                 f"written for a different model/optimizer; move it away to resume from an earlier step "
                 f"(others here: {self.all_steps()}), or use a new run_dir."
             ) from e
@@ -130,12 +132,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _short(e: Exception, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return first if len(first) <= limit else first[:limit] + "..."
 
 
 def pick_data_state(data_item: dict, block_index: int, block_count: int) -> Any:
@@ -180,18 +176,19 @@ def open_checkpoint(path: str | Path) -> tuple[Checkpointer, int, LlamaConfig]:
         cfg = LlamaConfig.from_dict(cfg_dict)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {manager_dir / str(step)} has no readable llama_config item "
-                              f"({type(e).__name__}: {_short(e)}); it is damaged or not written by llama-jax.") from e
+                              f"({type(e).__name__}: {short_error(e)}); it is damaged or not written by llama-jax.") from e
     return ck, step, cfg
 
 
 def load_params(ck: Checkpointer, step: int, abstract: Any, shardings: Any) -> Any:
     """The `params` item of checkpoint `step`, placed directly onto `shardings` (shapes from `abstract`)."""
     try:
-        return ck.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract, shardings))))["params"]
+        with failed_restores_are_quiet():
+            return ck.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(abstract, shardings))))["params"]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ck.directory / str(step)}: parameters cannot be read "
-                              f"({type(e).__name__}: {_short(e)}); it may be damaged or incomplete.") from e
+                              f"({type(e).__name__}: {short_error(e)}); it may be damaged or incomplete.") from e
 
 
 def run_dir_of(path: str | Path) -> Path | None:

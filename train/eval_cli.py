@@ -109,5 +109,9 @@ def _run(args: argparse.Namespace) -> int:
     if not result:
         raise ConfigError("the evaluation data gave no tokens to score.")
     out = {"checkpoint": str(path), "step": step, **result}
-    print(json.dumps(out))
+    bpb = result.get("eval_bits_per_byte")
+    where = f"step {step}" if step is not None else str(path)
+    print(f"{where}: held-out loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}"
+          + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f", over {result['eval_tokens']:,} tokens")
+    print(json.dumps(out))  # the machine-readable line, last
     return 0

@@ -297,19 +297,21 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
         raise TrainingError("the prepared setup was built for another run config; pass the Setup of this one.")
     s = prepared if prepared is not None else setup(cfg)
     t = cfg.train
-    if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     say(f"mesh {dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es); run_dir {run_dir}")
 
-    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                 keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+    # Check first, write after: the data stream, the checkpoint to resume (or the weights to start from) and
+    # the first batch are all in hand before run_dir, its config.yaml or checkpoints/ are created or changed,
+    # so a run that cannot start leaves no trace and a resume that fails keeps the run's config.yaml.
     block_index, block_count = s.data_block
     train_iter = data_lib.make_iterator(cfg.data, global_batch_size=t.global_batch_size, seed=t.seed,
                                         vocab_size=cfg.model.vocab_size, split="train",
                                         process_index=block_index, process_count=block_count)
-    latest = ckpt.latest_step()
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_kw = dict(keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+                   async_save=cfg.checkpoint.async_save)
+    ckpt = ckpt_lib.Checkpointer(ckpt_dir, **ckpt_kw) if ckpt_dir.is_dir() else None
+    latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None:
         state, data_item, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings)
         if cfg.lora is not None:  # checkpoints hold the adapters; the base comes from where it came from
@@ -328,6 +330,15 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     else:
         state = fresh_state(s)
         start = 0
+    local = next(train_iter) if start < t.steps else None
+    data_state = train_iter.get_state()
+    if primary:
+        from data_pipeline.prepare import _atomic_write_text
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if ckpt is None:
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, **ckpt_kw)
 
     counts = param_counts(s)
     n_params = counts["total_params"]
@@ -344,6 +355,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
 
     metrics = MetricsLogger(run_dir, total_steps=t.steps, start_step=start, enabled=primary,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    if log is None and primary:
+        say = metrics.print  # while a progress bar is drawn, lines go above it instead of onto its line
     status = EXIT_OK
     saved_step = latest
     skipped = 0
@@ -359,8 +372,6 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     profiler = _Profiler(run_dir / "profile", cfg.logging.profile, say)
     try:
         with _StopSignals() as signals:
-            local = next(train_iter) if start < t.steps else None
-            data_state = train_iter.get_state()
             throughput = Throughput()
             compile_t0 = time.perf_counter()
             for step in range(start, t.steps):

@@ -83,7 +83,7 @@ def sample(run_dir: Path, data_dir: Path, cfg, max_new_tokens: int) -> list[str]
     params, _ = load_weights(str(run_dir), cfg.model, s.abstract_state.params, s.state_shardings.params)
     prompts = [tok.encode(p, bos=True) for p in PROMPTS]
     outs = generate(cfg.model, params, prompts, max_new_tokens=max_new_tokens, key=jax.random.key(0),
-                    temperature=0.8, top_k=40, stop_ids=sorted(tok.stop_ids))
+                    temperature=0.8, top_k=40, stop_ids=sorted(tok.stop_ids), vocab_limit=tok.vocab_size)
     return [p + tok.decode(o) for p, o in zip(PROMPTS, outs)]
 
 
@@ -132,8 +132,9 @@ def main(args: argparse.Namespace) -> int:
         e = evals[-1]
         bpb = f", {e['eval_bits_per_byte']:.3f} bits/byte" if e.get("eval_bits_per_byte") is not None else ""
         _say(f"      held-out loss {e['eval_loss']:.3f} nats/token, perplexity {e['eval_perplexity']:.1f}{bpb}")
-    for text in sample(run_dir, data_dir, cfg, args.max_new_tokens):
-        _say("      ---- sample ----\n" + text)
+    for i, (prompt, text) in enumerate(zip(PROMPTS, sample(run_dir, data_dir, cfg, args.max_new_tokens)), 1):
+        _say(f"      ---- sample {i} of {len(PROMPTS)}, prompt {prompt!r}, then the model's continuation ----\n"
+             + text)
     _say(f"done in {time.perf_counter() - t0:.0f}s. Run directory: {run_dir} (metrics.jsonl, checkpoints/, "
          f"tensorboard/). Next: llama-jax eval {run_dir}; llama-jax train --config configs/debug-cpu.yaml")
     _say(f"To run it in llama.cpp, export it to GGUF (the tokenizer comes from the run's data):\n"

@@ -35,7 +35,8 @@ import numpy as np
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.common import ConvertError, Source, TreeSource, dtype_name, flatten, key_str, np_dtype
 
-__all__ = ["ConvertError", "FORMATS", "convert", "detect_format", "load", "open_source", "restore_params", "save"]
+__all__ = ["ConvertError", "FORMATS", "convert", "detect_format", "find_tokenizer", "load", "open_source",
+           "restore_params", "save"]
 
 FORMATS = ("meta", "hf", "orbax", "gguf")
 TOKENIZER_FILES = ("tokenizer.model",)  # copied along by file-to-file conversion between Meta and HF
@@ -172,7 +173,9 @@ def save(cfg: LlamaConfig, params: Any, path: str | os.PathLike, format: str = "
     safetensors (`num_shards` files with an index when > 1); "orbax": a manager directory with step 0
     (`num_shards` must be 1); "gguf": one `.gguf` file of type `gguf_type` (f32, f16, bf16, q8_0, q4_0,
     q4_k_m) with `tokenizer` (the model's tokenizer.model) embedded. `dtype` casts on the way out. The
-    output appears under `path` only when complete."""
+    output appears under `path` only when complete. `tokenizer` also goes along to "meta" (copied) and
+    "hf" (written as the files transformers' `AutoTokenizer` loads, see `hf_tokenizer.py`, with a
+    generation_config.json)."""
     if format not in FORMATS:
         raise ConvertError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
     if format == "gguf":
@@ -194,31 +197,33 @@ def save(cfg: LlamaConfig, params: Any, path: str | os.PathLike, format: str = "
     if jax.process_count() > 1:
         raise ConvertError(f"save(format={format!r}) writes files from one process; in a multi-host run save to "
                            f"orbax (every process calls it), then convert that checkpoint on one host.")
-    src = TreeSource(cfg, params)
-    return _write(src, path, format, num_shards, dtype)
+    return _write(TreeSource(cfg, params), path, format, num_shards, dtype, tokenizer)
 
 
 def _write(src: Source, path: str | os.PathLike, format: str, num_shards: int, dtype: Any,
-           extra_files: tuple[Path, ...] = ()) -> Path:
+           tokenizer: str | os.PathLike | None) -> Path:
     if format == "meta":
         from llama_jax.convert.meta import write_meta
 
-        return write_meta(src, path, num_shards=num_shards, dtype=dtype, extra_files=extra_files)
+        return write_meta(src, path, num_shards=num_shards, dtype=dtype,
+                          extra_files=(Path(tokenizer),) if tokenizer else ())
     from llama_jax.convert.hf import write_hf
 
-    return write_hf(src, path, num_shards=num_shards, dtype=dtype, extra_files=extra_files)
+    return write_hf(src, path, num_shards=num_shards, dtype=dtype, tokenizer=tokenizer)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int = 1, dtype: Any = None,
             scan_layers: bool = False, gguf_type: str = "f16", tokenizer: str | os.PathLike | None = None) -> Path:
     """Convert the checkpoint at `src` (any format) into format `to` at `dst`, tensor by tensor.
 
-    Host memory stays near twice the largest tensor in every direction. To Meta/HF, `tokenizer.model` is
-    copied along when present (from a GGUF source: written from its vocabulary). To orbax each parameter
-    is placed on the default device and written before the next is read; `scan_layers` stores the layers
-    stacked (each stacked leaf assembled one layer at a time); a multi-host run converts on one host.
-    To GGUF (`gguf_type`), the tokenizer is `tokenizer`, else `tokenizer.model` next to the checkpoint,
-    else the one of the training run's data (see `gguf.find_tokenizer`)."""
+    Host memory stays near twice the largest tensor in every direction. To Meta/HF the tokenizer goes along
+    (`find_tokenizer`: tokenizer.model beside `src`, or the one a training run's data was prepared with;
+    from a GGUF source: written from its vocabulary): copied for Meta, written as transformers' tokenizer
+    files for HF. To orbax each parameter is placed on the default device and written before the next is
+    read; `scan_layers` stores the layers stacked (each stacked leaf assembled one layer at a time); a
+    multi-host run converts on one host. To GGUF (`gguf_type`), the tokenizer is `tokenizer`, else
+    `tokenizer.model` next to the checkpoint, else the one of the training run's data (see
+    `gguf.find_tokenizer`)."""
     if to not in FORMATS:
         raise ConvertError(f"unknown format {to!r}; expected one of {', '.join(FORMATS)}.")
     if scan_layers and to != "orbax":
@@ -241,9 +246,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
             raise ConvertError("--num-shards applies to the meta and hf formats; orbax shards by itself.")
         with open_source(src) as source:
             return write_orbax(source, dst, dtype=dtype, scan_layers=scan_layers)
-    extra = tuple(Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file())
+    tokenizer = find_tokenizer(src)
     with open_source(src) as source:
-        return _write(source, dst, to, num_shards, dtype, extra)
+        return _write(source, dst, to, num_shards, dtype, tokenizer)
+
+
+def find_tokenizer(src: str | os.PathLike) -> Path | None:
+    """The tokenizer that goes with the checkpoint at `src`: `tokenizer.model` beside it, else, for a training
+    run, the one its data manifest records (`llama_jax.tokenizer.run_tokenizer`); None if there is none."""
+    from llama_jax.tokenizer import run_tokenizer
+
+    beside = [Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file()]
+    if beside:
+        return beside[0]
+    try:
+        return run_tokenizer(src)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _convert_from_gguf(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int, dtype: Any,
@@ -263,7 +282,7 @@ def _convert_from_gguf(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
             if tok is not None:  # beside the checkpoint steps, where `llama-jax generate --tokenizer` can find it
                 shutil.copyfile(tok, Path(out) / tok.name)
             return out
-        return _write(source, dst, to, num_shards, dtype, (tok,) if tok is not None else ())
+        return _write(source, dst, to, num_shards, dtype, tok)
 
 
 def restore_params(path: str | os.PathLike, cfg: LlamaConfig, shardings: Any = None) -> Any:

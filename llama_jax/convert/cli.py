@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     except ConvertError as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -56,7 +56,7 @@ def _convert(args: argparse.Namespace):
     from llama_jax.convert import convert, detect_format
 
     fmt = detect_format(args.src)
-    print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", file=sys.stderr)
+    print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", flush=True)
     return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
                    scan_layers=args.scan_layers, gguf_type=args.gguf_type, tokenizer=args.tokenizer)
 

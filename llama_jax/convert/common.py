@@ -44,6 +44,41 @@ class ConvertError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file, the tensor and what was expected."""
 
 
+# What a JSON config field may hold: "int" (a JSON integer, not a boolean), "number" (integer or float),
+# "bool", "object", "str". JSON null passes: absent-or-null is each reader's own rule.
+_JSON_KINDS = {"int": "an integer", "number": "a number", "bool": "true or false", "object": "a JSON object",
+               "str": "a string"}
+
+
+def _is_kind(v: Any, kind: str) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "object":
+        return isinstance(v, dict)
+    if kind == "str":
+        return isinstance(v, str)
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) if kind == "int" else isinstance(v, (int, float))
+
+
+def check_json_fields(d: Any, kinds: dict[str, str], location: str, what: str = "") -> None:
+    """A ConvertError naming the file, key, value and expected type for the first field of `d` whose value
+    is of the wrong JSON type; `d` itself must be an object. `what` prefixes nested keys (`rope_scaling.`)."""
+    if not isinstance(d, dict):
+        name = f"{what.rstrip('.')} " if what else ""
+        raise ConvertError(f"{location}: {name}must be a JSON object, got {type(d).__name__} {_short_repr(d)}.")
+    for key, kind in kinds.items():
+        v = d.get(key)
+        if v is not None and not _is_kind(v, kind):
+            raise ConvertError(f"{location}: key '{what}{key}' is {_short_repr(v)}; expected {_JSON_KINDS[kind]}.")
+
+
+def _short_repr(v: Any, limit: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def np_dtype(dtype: Any) -> np.dtype:
     """A dtype name (`"bfloat16"`), numpy dtype or jax dtype → the numpy dtype; only DTYPES are accepted."""
     if isinstance(dtype, str) and dtype in DTYPES:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
 from llama_jax.convert.common import (
     ConvertError,
     Key,
+    check_json_fields,
     Source,
     atomic_dir,
     cast,
@@ -186,8 +186,24 @@ def _ffn_fields(dim: int, ffn_hidden: int, like: dict[str, Any]) -> dict[str, An
     return {"ffn_hidden": ffn_hidden}
 
 
+# The JSON type of every config.json field read here (checked before any arithmetic on them).
+CONFIG_KINDS = {
+    "model_type": "str", "hidden_act": "str", "attention_bias": "bool", "mlp_bias": "bool",
+    "hidden_size": "int", "num_attention_heads": "int", "num_key_value_heads": "int", "num_hidden_layers": "int",
+    "head_dim": "int", "intermediate_size": "int", "vocab_size": "int", "max_position_embeddings": "int",
+    "rms_norm_eps": "number", "rope_theta": "number", "tie_word_embeddings": "bool",
+    "rope_parameters": "object", "rope_scaling": "object",
+}
+ROPE_KINDS = {"rope_type": "str", "type": "str", "rope_theta": "number", "factor": "number",
+              "low_freq_factor": "number", "high_freq_factor": "number", "original_max_position_embeddings": "int"}
+
+
 def config_from_hf(d: dict[str, Any], location: str) -> LlamaConfig:
     """LlamaConfig from a transformers config.json dict; anything this model cannot compute is an error."""
+    check_json_fields(d, CONFIG_KINDS, location)
+    for k in ("rope_parameters", "rope_scaling"):
+        if d.get(k):
+            check_json_fields(d[k], ROPE_KINDS, location, what=f"{k}.")
     def need(k):
         if k not in d:
             raise ConvertError(f"{location}: required key {k!r} is missing.")
@@ -535,12 +551,25 @@ def _balanced_groups(sizes: list[int], n: int) -> list[int]:
 
 
 def write_hf(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype: Any = None,
-             extra_files: tuple[Path, ...] = ()) -> Path:
-    """Write `src` as a Hugging Face checkpoint directory `out` (safetensors, `num_shards` files)."""
+             tokenizer: str | os.PathLike | None = None) -> Path:
+    """Write `src` as a Hugging Face checkpoint directory `out` (safetensors, `num_shards` files), with
+    `tokenizer` (a tokenizer.model) as the files `AutoTokenizer` loads and a generation_config.json."""
+    from llama_jax.convert.hf_tokenizer import generation_config, write_hf_tokenizer
+    from llama_jax.tokenizer import load_tokenizer
+
     cfg = src.cfg
     dt = None if dtype is None else np_dtype(dtype)
     if num_shards < 1:
         raise ConvertError(f"num_shards must be ≥ 1, got {num_shards}.")
+    tok = None
+    if tokenizer is not None:
+        try:
+            tok = load_tokenizer(tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{tokenizer}: cannot read the tokenizer to export ({e}).") from None
+        if tok.vocab_size > cfg.vocab_size:
+            raise ConvertError(f"{tokenizer}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                               f"is {cfg.vocab_size}; they do not belong together.")
     plan = [(t.name, t, dt or src.dtype(t.keys[0])) for t in hf_tensors(cfg, src.order())]
     sizes = [int(np.prod(t.shape)) * d.itemsize for _, t, d in plan]
     groups = _balanced_groups(sizes, num_shards) if num_shards > 1 else [0] * len(plan)
@@ -548,8 +577,17 @@ def write_hf(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype:
              [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)])
     dts = {t for _, _, t in plan}
     config = family_config(cfg, dtype_name(next(iter(dts))) if len(dts) == 1 else "float32")
+    gen = generation_config(tok, config["bos_token_id"], config["eos_token_id"])
+    if tok is not None:
+        config["bos_token_id"], config["eos_token_id"] = gen["bos_token_id"], gen["eos_token_id"]
+        config["pad_token_id"] = gen.get("pad_token_id")
+        if tok.vocab_size < cfg.vocab_size:  # ids the tokenizer cannot decode are never generated
+            gen["suppress_tokens"] = list(range(tok.vocab_size, cfg.vocab_size))
     with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tok is not None:
+            write_hf_tokenizer(tok, tmp, max_seq_len=cfg.max_seq_len)
         if num_shards > 1:
             index = {"metadata": {"total_size": sum(sizes)},
                      "weight_map": {name: files[g] for (name, _, _), g in zip(plan, groups)}}
@@ -570,6 +608,4 @@ def write_hf(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype:
             except BaseException:
                 w.abort()
                 raise
-        for f in extra_files:
-            shutil.copyfile(f, tmp / f.name)
     return Path(out)

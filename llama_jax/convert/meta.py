@@ -68,6 +68,7 @@ from llama_jax.convert.common import (
     Key,
     Source,
     atomic_dir,
+    check_json_fields,
     cast,
     dtype_name,
     layer_index,
@@ -149,6 +150,12 @@ def _export_split_dim(cfg: LlamaConfig, name: str) -> int | None:
 _PARAMS_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
                 "rope_low_freq_factor", "rope_original_max_seq_len", "max_seq_len", "max_batch_size")
+# The JSON type of each params.json key (checked when the file is read, before any arithmetic on them).
+PARAMS_KINDS = {k: "int" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                                   "rope_original_max_seq_len", "max_seq_len", "max_batch_size")}
+PARAMS_KINDS |= {k: "number" for k in ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
+                                       "rope_high_freq_factor", "rope_low_freq_factor")}
+PARAMS_KINDS["use_scaled_rope"] = "bool"
 _UNSUPPORTED_KEYS = {
     "quantization_args": "quantized checkpoints are not supported",
     "lora_args": "quantized (QLoRA) checkpoints are not supported",
@@ -201,6 +208,7 @@ def ffn_rule(dim: int, ffn_hidden: int, prefer: tuple[int, float | None] | None 
 
 def config_from_params(p: dict[str, Any], *, vocab_size: int, tied: bool, location: str) -> LlamaConfig:
     """LlamaConfig from a params.json dict (vocab_size and tying resolved by the caller)."""
+    check_json_fields(p, PARAMS_KINDS, location)
     for k in p:
         if k in _UNSUPPORTED_KEYS:
             raise ConvertError(f"{location}: key {k!r}: {_UNSUPPORTED_KEYS[k]}.")
@@ -315,6 +323,16 @@ class PthTensor:
         return out
 
 
+def require_torch(what: str):
+    """The torch module, or a ConvertError saying which extra to install (Meta's .pth files are torch pickles)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(f"{what} needs PyTorch, which is not installed; install the conversion extra: "
+                           f"pip install -e \".[convert]\" (from the repository), or pip install torch.") from None
+    return torch
+
+
 def _torch_dtypes():
     import torch
 
@@ -338,7 +356,7 @@ def _refuse_message(path: Any, e: Exception) -> str:
 
 def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     """Names → locations of the tensors of a torch checkpoint, without reading their bytes or running code."""
-    import torch
+    torch = require_torch(f"reading {path}")
 
     path = str(path)
     size = os.path.getsize(path)
@@ -409,8 +427,7 @@ class MetaSource(Source):
             self.params = json.loads(pj.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConvertError(f"{pj}: cannot read params.json ({e}).") from None
-        if not isinstance(self.params, dict):
-            raise ConvertError(f"{pj}: expected a JSON object.")
+        check_json_fields(self.params, PARAMS_KINDS, str(pj))
         self.files = shard_files(self.dir)
         self.shards = [index_pth(f) for f in self.files]
         names0 = set(self.shards[0])
@@ -655,6 +672,7 @@ class TorchZipWriter:
 def write_meta(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype: Any = None,
                extra_files: tuple[Path, ...] = ()) -> Path:
     """Write `src` as a Meta checkpoint directory `out` with `num_shards` model-parallel files."""
+    require_torch("writing a Meta checkpoint (consolidated.NN.pth)")
     cfg = src.cfg
     dt = None if dtype is None else np_dtype(dtype)
     if num_shards < 1:

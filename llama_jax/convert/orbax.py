@@ -54,6 +54,72 @@ ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hi
                "rope_scaling", "tie_embeddings")
 
 
+def _is_abandoned_read(unraisable) -> bool:
+    """Whether an unraisable exception is the echo of a read that a failed orbax restore left in flight."""
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True  # the read's coroutine, closed unfinished when collected
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    # A TensorStore callback thread reporting a finished read to the event loop orbax has already closed.
+    return (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+            and tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename)
+
+
+class _DropTaskNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+_QUIETED = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore: orbax reads every array concurrently (`asyncio.gather` over TensorStore futures)
+    and, when one read fails, raises at once and closes its event loop while the other reads are still in
+    flight. Nothing outside orbax can reach those reads; each later reports into the closed loop from a
+    TensorStore thread ("Event loop is closed"), and its coroutine complains when collected ("Task exception
+    was never retrieved", TensorStore spec dumps) — tracebacks after the one-line error. So: drop exactly
+    those reports from here on (the process is about to give up on the checkpoint), then give the reads a
+    moment to finish and collect their coroutines while the filter is in place."""
+    global _QUIETED
+    if not _QUIETED:
+        import sys
+
+        previous = sys.unraisablehook
+        sys.unraisablehook = lambda u: None if _is_abandoned_read(u) else previous(u)
+        logging.getLogger("asyncio").addFilter(_DropTaskNoise())
+        _QUIETED = True
+    import time
+
+    for _ in range(3):
+        time.sleep(0.1)
+        gc.collect()
+
+
+@contextlib.contextmanager
+def failed_restores_are_quiet():
+    """Around an orbax restore: if it raises, quiet the reads it abandoned (see `_quiet_abandoned_reads`)."""
+    try:
+        yield
+    except Exception:
+        _quiet_abandoned_reads()
+        raise
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """The first line of an orbax/TensorStore error, with the underlying cause instead of the spec dump that
+    orbax appends ("See full TensorStore details: ...")."""
+    text = str(e).split(" See full TensorStore details")[0].strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    cause = e.__cause__
+    if cause is not None and " See full TensorStore details" in str(e):
+        cause_text = str(cause).strip().splitlines()
+        first += f" ({cause_text[0] if cause_text else type(cause).__name__})"
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 def _ocp():
     import orbax.checkpoint as ocp
 
@@ -187,11 +253,12 @@ class OrbaxSource(Source):
         item = _nest({stored: jax.ShapeDtypeStruct(tuple(m.shape), np_dtype(m.dtype))})
         args = _nest({stored: ocp.RestoreArgs(restore_type=np.ndarray)})
         try:
-            out = self._ckptr.restore(self.step_dir / "params",
-                                      args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+            with failed_restores_are_quiet():
+                out = self._ckptr.restore(self.step_dir / "params", args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True))
         except Exception as e:  # noqa: BLE001
             raise ConvertError(f"{self.step_dir / 'params'}: cannot read parameter {key_str(stored)} "
-                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+                               f"({type(e).__name__}: {short_error(e)}).") from None
         return np.asarray(flatten(out)[stored])
 
     def read(self, key: Key) -> np.ndarray:
@@ -247,10 +314,11 @@ def load_orbax(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = N
     target = _abstract(cfg, meta, dtype, shardings)
     ocp = _ocp()
     try:
-        params = ocp.StandardCheckpointer().restore(step_dir / "params", target)
+        with failed_restores_are_quiet():
+            params = ocp.StandardCheckpointer().restore(step_dir / "params", target)
     except Exception as e:  # noqa: BLE001
         raise ConvertError(f"{step_dir / 'params'}: cannot restore the parameters ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint may be damaged.") from None
+                           f"{short_error(e)}); the checkpoint may be damaged.") from None
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype_name(dtype))
     return cfg, params
