@@ -396,7 +396,8 @@ def _bench():
 @pytest.mark.parametrize("case", ["llama2-sp", "llama3-bpe-tied-scaled"])
 def test_llama_cpp_f32_logits_and_greedy_match_ours(tmp_path, llama_cpp, shared_data, case):
     """An f32 export run by llama.cpp with an f32 KV cache: logits within 1e-4 of ours, 100 greedy tokens
-    identical (Llama 3 case: byte-level vocabulary, tied embeddings, rope_freqs past the original context)."""
+    identical, text tokenized identically (Llama 3 case: byte-level vocabulary, tied embeddings, rope_freqs
+    past the original context)."""
     b = _bench()
     cfg = SMALL if case == "llama2-sp" else L3
     tok = shared_data / "tokenizers" / ("llama2" if case == "llama2-sp" else "llama3") / "tokenizer.model"
@@ -408,6 +409,9 @@ def test_llama_cpp_f32_logits_and_greedy_match_ours(tmp_path, llama_cpp, shared_
     assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
     prompt = toks[:8]
     assert b.llama_cpp_greedy(llm, prompt, 100) == b.our_greedy(cfg, params, prompt, 100)
+    # llama.cpp's tokenizer on the embedded vocabulary encodes text as ours does.
+    text = (shared_data / "corpus" / "tinyshakespeare.txt").read_text()[:3000] + " naïve café 日本語 12345\n\n\t  x"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == load_tokenizer(tok).encode(text)
 
 
 def test_llama_cpp_quantized_files(tmp_path, llama_cpp, shared_data):
