@@ -174,6 +174,9 @@ def run_rss(args) -> int:
 def main(args) -> int:
     if args.rss:
         return run_rss(args)
+    if not args.checkpoint or not args.text:
+        print("bench gguf: give --checkpoint and --text (or --rss).", file=sys.stderr)
+        return 2
     from llama_jax.convert import convert, load
     from llama_jax.convert.gguf import find_tokenizer
     from llama_jax.tokenizer import load_tokenizer
@@ -194,12 +197,12 @@ def main(args) -> int:
         r = compare(out, cfg, params, windows, prompt, 100 if gtype == "f32" else 32)
         r["file_mb"] = out.stat().st_size / 1e6
         results[gtype] = r
-        print(json.dumps({"type": gtype, **r}))
     print(f"\n{'type':8} {'MB':>7} {'max|Δlogit|':>12} {'ppl ours f32':>13} {'ppl llama.cpp':>14} {'Δppl':>7} greedy")
     for g, r in results.items():
         d = r["ppl_llama_cpp"] / r["ppl_ours"] - 1
         print(f"{g:8} {r['file_mb']:7.1f} {r['max_abs_logit_diff']:12.2e} {r['ppl_ours']:13.3f} "
               f"{r['ppl_llama_cpp']:14.3f} {d:+7.2%} {r['greedy_identical_prefix']}/{r['greedy_n']}")
+    print(json.dumps({"bench": "gguf", "checkpoint": str(args.checkpoint), "results": results}))
     return 0
 
 

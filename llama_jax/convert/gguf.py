@@ -300,7 +300,7 @@ def find_tokenizer(src: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------ writer
 
 
-def _plan_type(gguf: Any, key_or_name: Key | str, shape: tuple[int, ...], base: Any) -> Any:
+def _plan_type(gguf: Any, shape: tuple[int, ...], base: Any) -> Any:
     """The GGML type of one tensor: 1-D stays F32 (as llama.cpp keeps norms); matrices whose rows are not
     whole blocks of `base` fall back to F16."""
     Q = gguf.GGMLQuantizationType
@@ -406,7 +406,7 @@ def _write(src: Source, tmp: Path, gguf_type: str, tokenizer: Any, chat_template
             plan.append((ROPE_FREQS, None, factors.shape, Q.F32))
         for key in src.order():
             shape = meta_shape(cfg, key)
-            plan.append((gguf_name(key), key, shape, _plan_type(gguf, key, shape, base)))
+            plan.append((gguf_name(key), key, shape, _plan_type(gguf, shape, base)))
         for tname, _, shape, qtype in plan:
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype) if qtype not in (Q.F32, Q.F16) else shape
             nbytes = int(np.prod(byte_shape, dtype=np.int64)) * (4 if qtype == Q.F32 else 2 if qtype == Q.F16 else 1)
