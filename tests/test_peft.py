@@ -76,6 +76,7 @@ def test_peft_gives_our_adapted_logits(base, tmp_path, rslora):
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # three CLI processes (train, two converts): about 3 minutes on 2 shared cores
 def test_a_lora_run_converts_to_peft_and_merged_hf(base, tmp_path):
     cfg, params, hf_dir = base
     run_dir = tmp_path / "run"
