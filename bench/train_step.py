@@ -202,7 +202,7 @@ def main(a) -> int:
     if cfg.n_experts:
         t_moe, t_dense = moe_vs_dense(cfg, a.batch * a.seq, max(a.rounds, 5))
         record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token}
-        record |= {"moe_ffn_s": round(t_moe, 4), "dense_same_active_ffn_s": round(t_dense, 4),
+        record |= {"moe_ffn_s": round(t_moe, 6), "dense_same_active_ffn_s": round(t_dense, 6),
                    "moe_vs_dense": round(t_moe / t_dense, 3)}
         rows += [("MoE FFN vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU width "
                                       f"{cfg.experts_per_token * cfg.ffn_hidden}): {t_moe / t_dense:.2f}x")]
