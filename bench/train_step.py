@@ -5,6 +5,12 @@ norm clipping 1.0) in fp32 on the same machine. The two steps alternate, one of 
 neighbour's load or thermal drift hits both alike; we report the median of each and the ratio.
 
     llama-jax bench train --peer torch --json
+    llama-jax bench train --experts 8 --top-k 2     # a Mixtral-style MoE vs transformers' MixtralForCausalLM
+
+With `--experts`, every layer's feed-forward is a mixture of experts of width `--ffn` (softmax router,
+top-k, no auxiliary loss on either side) and the peer is `MixtralForCausalLM`; the report adds the time of
+our MoE feed-forward (forward + backward, alone) against a dense SwiGLU with the same active parameters
+(width top-k × ffn).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk, as in a run config")
     p.add_argument("--scan", action="store_true", help="scan over layers")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each per round)")
+    p.add_argument("--experts", type=int, default=0, help="routed experts per layer (0: the dense model)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
     add_output_arguments(p)
 
 
@@ -38,6 +46,7 @@ def model_config(a):
 
     return LlamaConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
                        ffn_hidden=a.ffn, max_seq_len=a.seq, dtype=a.dtype, remat=a.remat, scan_layers=a.scan,
+                       n_experts=a.experts, experts_per_token=a.top_k if a.experts else 1,
                        **({"attention": a.attention} if a.attention else {}))
 
 
@@ -77,10 +86,11 @@ def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
 
 
 def peer(cfg, tokens: np.ndarray):
-    """The same step in PyTorch: transformers' LlamaForCausalLM (SDPA attention) + torch.optim.AdamW."""
+    """The same step in PyTorch: transformers' LlamaForCausalLM (SDPA attention) + torch.optim.AdamW
+    (MixtralForCausalLM for a MoE config)."""
     import torch
 
-    model = hf_model(cfg, train=True)
+    model = hf_model(cfg, train=True) if not cfg.n_experts else mixtral_model(cfg)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -98,6 +108,51 @@ def peer(cfg, tokens: np.ndarray):
         return loss.item()
 
     return run
+
+
+def mixtral_model(cfg):
+    """transformers' MixtralForCausalLM of `cfg` (SDPA attention, fp32, no router loss), in train mode."""
+    import os
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = transformers.MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, output_router_logits=False,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attn_implementation="sdpa",
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    return transformers.MixtralForCausalLM(hf).train()
+
+
+def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> tuple[float, float]:
+    """Median seconds of forward + backward of one MoE feed-forward on `tokens_per_batch` tokens, and of a
+    dense SwiGLU of width experts_per_token × ffn (the same active parameters, router aside), alternating."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.model import FeedForward, MoEFeedForward
+
+    x = jax.random.normal(jax.random.key(0), (1, tokens_per_batch, cfg.dim), jnp.dtype(cfg.dtype))
+    valid = jnp.ones((1, tokens_per_batch), bool)
+    layers = {"moe": (MoEFeedForward(cfg), (x, valid)),
+              "dense": (FeedForward(cfg, hidden=cfg.experts_per_token * cfg.ffn_hidden), (x,))}
+    fns = {}
+    for name, (mod, args) in layers.items():
+        params = nn.meta.unbox(mod.init(jax.random.key(1), *args))["params"]
+        loss = lambda p, x, *rest, mod=mod: jnp.sum(mod.apply({"params": p}, x, *rest) ** 2)  # noqa: E731
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        fns[name] = (lambda g=grad, p=params, a=args: jax.block_until_ready(g(p, *a)))
+        fns[name]()  # compile
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(timed(fn))
+    return float(np.median(times["moe"])), float(np.median(times["dense"]))
 
 
 def timed(fn) -> float:
@@ -152,8 +207,15 @@ def main(a) -> int:
             ("ours: tokens/s", f"{tps['ours']:.1f}  (step {med['ours']:.3f} s, compile {compile_s:.1f} s)"),
             ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s"),
             ("peak", peak_source())]
+    if cfg.n_experts:
+        t_moe, t_dense = moe_vs_dense(cfg, a.batch * a.seq, max(a.rounds, 5))
+        record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token}
+        record |= {"moe_ffn_s": round(t_moe, 6), "dense_same_active_ffn_s": round(t_dense, 6),
+                   "moe_vs_dense": round(t_moe / t_dense, 3)}
+        rows += [("MoE FFN vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU width "
+                                      f"{cfg.experts_per_token * cfg.ffn_hidden}): {t_moe / t_dense:.2f}x")]
     if "peer" in runners:
-        record |= {"peer": f"{peer_name()} AdamW",
+        record |= {"peer": f"{peer_name()} AdamW" + (" (MixtralForCausalLM)" if cfg.n_experts else ""),
                    "peer_tokens_per_s": round(tps["peer"], 1), "peer_step_s": round(med["peer"], 4),
                    "ratio": round(tps["ours"] / tps["peer"], 3)}
         rows += [("peer: tokens/s", f"{tps['peer']:.1f}  (step {med['peer']:.3f} s)"),

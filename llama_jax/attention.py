@@ -147,6 +147,11 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
                          f"got {t} queries and {k.shape[2]} keys; decoding with a KV cache uses attention='xla'.")
     if mask.window is not None and mask.chunk is not None:
         raise ValueError("attention='splash' takes a sliding window or a chunk size, not both.")
+    if mask.chunk is not None and mask.q_positions is not None:
+        # Llama 4's chunks are counted in positions, which restart in packed documents and after left
+        # padding; the kernel's chunked-causal mask counts slots. Until the kernel takes positions, the
+        # chunked layers run the dense kernel, which computes the exact function.
+        return xla_attention(q, k, v, mask)
     local = functools.partial(_splash_local, window=mask.window, chunk=mask.chunk)
     args = (q, k, v, mask.q_segments, mask.k_segments)
 

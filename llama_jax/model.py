@@ -4,6 +4,7 @@ Axis legend used in every shape comment and einsum string:
     B batch          T query length      S key length (T, or the KV-cache length when decoding)
     D model dim      N query heads       K key/value heads      G = N // K query heads per kv head
     H head dim       F MLP hidden        V vocabulary           L layers
+    E experts        M = B·T tokens (mixture-of-experts dispatch)
 
 Numerics follow Meta's reference (`llama/model.py`, `llama3/model.py`):
 - RMSNorm statistics in float32, then cast back, then scaled.
@@ -13,8 +14,10 @@ Numerics follow Meta's reference (`llama/model.py`, `llama3/model.py`):
 - Attention scores and softmax in float32; masked positions get the dtype's most negative value.
 
 Parameters are named after Meta's checkpoint (`tok_embeddings`, `layers_{i}/attention/wq`, ...,
-`feed_forward/w1`, `attention_norm`, `ffn_norm`, `norm`, `output`) and carry logical axis names
-(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`); `train/sharding.py` maps those
+`feed_forward/w1`, `attention_norm`, `ffn_norm`, `norm`, `output`; a mixture-of-experts layer's
+`feed_forward` holds `router` (D, E), `w1`/`w3` (E, D, F), `w2` (E, F, D) and optionally
+`shared_expert/{w1,w2,w3}`) and carry logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `expert`, `layers`); `train/sharding.py` maps those
 onto a device mesh. Kernels keep the head axes apart — wq is (D, N, H), not (D, N·H) — so the heads
 can be sharded without reshapes.
 

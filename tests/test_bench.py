@@ -21,6 +21,14 @@ def test_bench_train_against_torch_reports_the_ratio(capsys):
     assert 0 < rec["mfu"] and rec["config"]["seq"] == 32
 
 
+def test_bench_train_moe_against_mixtral_and_dense(capsys):
+    assert main(["bench", "train", "--peer", "torch", "--experts", "4", "--top-k", "2", "--seq", "32", "--batch", "2",
+                 *TINY]) == 0
+    rec = last_json_line(capsys)
+    assert "MixtralForCausalLM" in rec["peer"] and rec["config"]["experts"] == 4 and rec["ratio"] > 0
+    assert abs(rec["moe_vs_dense"] / (rec["moe_ffn_s"] / rec["dense_same_active_ffn_s"]) - 1) < 2e-2
+
+
 def test_bench_generate_reports_both_batch_sizes(capsys):
     assert main(["bench", "generate", "--batches", "1,4", "--prompt-len", "8", "--new-tokens", "4", *TINY]) == 0
     rec = last_json_line(capsys)

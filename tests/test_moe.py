@@ -439,3 +439,20 @@ def test_flop_accounting_counts_active_parameters():
     pc = param_counts(mixtral)
     attn = 12 * 32 * 32 * 128 * 4096
     assert mfu_flops_per_token(mixtral, 4096) == 6 * (active_params(mixtral) - pc.embedding) + attn
+
+
+def test_orbax_round_trips_unrolled_and_scanned(tmp_path):
+    from llama_jax.convert import convert, load, save
+    from llama_jax.model import stack_layers
+    for case in ("llama4-maverick-like", "mixtral-top2"):
+        cfg = CASES[case]
+        params = random_params(cfg)
+        save(cfg, params, tmp_path / case, format="orbax")
+        cfg2, back = load(tmp_path / case)
+        assert cfg2 == cfg
+        trees_equal_bitwise(params, back)
+    save(cfg, params, tmp_path / "hf", format="hf")  # Mixtral: one kind of layer, so it can be stacked
+    convert(tmp_path / "hf", tmp_path / "scanned", "orbax", scan_layers=True)
+    cfg3, stacked = load(tmp_path / "scanned")
+    assert cfg3.scan_layers
+    trees_equal_bitwise(stack_layers(params), stacked)

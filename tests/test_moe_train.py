@@ -90,3 +90,35 @@ def test_tiny_moe_config_trains_with_falling_loss(tmp_path):
     assert len(train) >= 5 and all(len(x["expert_load"]) == 4 for x in train)
     assert train[-1]["loss"] < train[0]["loss"] - 1.0
     assert all(np.isfinite(x["mfu"]) for x in train[1:] if x["mfu"] is not None)
+
+
+@pytest.mark.slow
+def test_two_processes_with_an_expert_axis_match_one(tmp_path, tmp_path_factory):
+    """2 processes × 4 devices (jax.distributed, gloo) on a data 2 × expert 4 mesh = 1 process × 8 devices."""
+    import subprocess
+
+    import yaml
+    from test_train_multihost import CONFIG, REPO, _cmd, _env, _free_port
+
+    from train.metrics import read_metrics
+    cache = tmp_path_factory.getbasetemp() / "train-jax-cache"
+    config = tmp_path / "run.yaml"
+    model = {"preset": "tiny", "n_experts": 4, "experts_per_token": 2, "router_aux_loss_coef": 0.02}
+    config.write_text(yaml.safe_dump({**CONFIG, "model": model, "mesh": {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4},
+                                      "run_dir": str(tmp_path / "unused")}))
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(config, f"run_dir={tmp_path / 'one'}"), env=_env(8, cache), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs += [subprocess.Popen(_cmd(config, f"run_dir={tmp_path / 'two'}", f"distributed.coordinator_address=localhost:{port}",
+                                    "distributed.num_processes=2", f"distributed.process_id={i}"),
+                               env=_env(4, cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    ref = [r for r in read_metrics(tmp_path / "one") if "router_aux_loss" in r]
+    got = [r for r in read_metrics(tmp_path / "two") if "router_aux_loss" in r]
+    assert len(ref) == len(got) == 5
+    for a, b in zip(got, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["router_aux_loss"] == pytest.approx(b["router_aux_loss"], rel=1e-5)

@@ -14,6 +14,11 @@ rotates halves (x[i], x[i + H/2]). The same function results when the rows of ea
 k_proj are reordered from (i, pair) to (pair, i): `permute_to_hf` (query heads for q, kv heads for k;
 v and o are unaffected because the rotation is applied to q and k only). Import applies the inverse.
 
+Mistral (`model_type` mistral), Mixtral (mixtral) and Llama 4 (llama4_text, or llama4 with a
+`text_config`: the multimodal checkpoint, whose text model under `language_model.` is read and whose
+vision tower is skipped) are read and written too; `hf_tensors` gives their tensor names and layouts
+(Llama 4's fused experts, Mixtral's per-expert tensors) and `family_config` their config.json.
+
 config.json → LlamaConfig: `intermediate_size` becomes `ffn_hidden`; where Meta's sizing rule reproduces
 it (official pairs of multiple_of/ffn_dim_multiplier first, so official models map to their presets) the
 config records that rule, otherwise the size stays explicit. RoPE settings are read from transformers 5's
