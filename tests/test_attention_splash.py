@@ -80,14 +80,14 @@ def test_splash_window_and_chunk_equal_xla(window, chunk):
 def test_splash_under_a_mesh_splits_batch_and_heads():
     """Under the trainer's mesh context and rule table the kernel runs per shard (shard_map over batch and
     heads) and gives the unsharded result."""
-    from train.sharding import LOGICAL_AXIS_RULES, make_mesh
+    from train.sharding import make_mesh, rules_for
 
     mesh = make_mesh((2, 2, 2), jax.devices()[:8])
     q, k, v, mask = _inputs(jnp.float32, b=4, t=128, n=4, kv=2, h=32)
     q = jax.device_put(q, NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "tensor")))
 
     def f(q, k, v, mask):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules_for(mesh)):
             return splash_attention(q, k, v, mask)
 
     lowered = jax.jit(f).lower(q, k, v, mask)
@@ -96,9 +96,9 @@ def test_splash_under_a_mesh_splits_batch_and_heads():
 
 
 def test_splash_refuses_a_kv_cache_shape():
-    q, k, v, _ = _inputs(jnp.float32, b=1, t=4, n=2, kv=1, h=32)
-    k_long = jnp.zeros((1, 1, 16, 32))
-    mask = Mask(jnp.arange(4), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 16), jnp.int32))
+    q, k, v, _ = _inputs(jnp.float32, t=4, n=2, kv=1, h=32)
+    k_long = jnp.zeros((2, 1, 16, 32))
+    mask = Mask(jnp.arange(4), jnp.ones((2, 4), jnp.int32), jnp.ones((2, 16), jnp.int32))
     with pytest.raises(ValueError, match="KV cache uses attention='xla'"):
         splash_attention(q, k_long, k_long, mask)
 
