@@ -164,7 +164,15 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
         return run(*args)
     import flax.linen as nn
 
-    spec = lambda *names: nn.logical_to_mesh_axes(names)  # noqa: E731 - the trainer's rule table, if active
+    def spec(*names):  # the active logical-axis rules (the trainer's table), on the axes this mesh has
+        present = set(abstract_mesh.axis_names)
+
+        def keep(entry):
+            kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in present)
+            return kept or None
+
+        return jax.sharding.PartitionSpec(*(keep(e) for e in nn.logical_to_mesh_axes(names)))
+
     q_spec, kv_spec, seg_spec = (spec("batch", "length", "heads", "head_dim"),
                                  spec("batch", "kv_heads", "length", "head_dim"), spec("batch", "length"))
     return jax.shard_map(run, mesh=abstract_mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
@@ -174,6 +182,7 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
 def _splash_local(q, k, v, q_segments, k_segments, *, window, chunk, interpret):
     """Splash attention on this shard's (B, T, N, H) queries and (B, K, S, H) keys/values."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     b, t, n, h = q.shape
     q = (q.astype(jnp.float32) * h**-0.5).astype(q.dtype).swapaxes(1, 2)  # (B, N, T, H), as the kernel takes
@@ -187,7 +196,7 @@ def _splash_local(q, k, v, q_segments, k_segments, *, window, chunk, interpret):
     if window is not None:
         pattern = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
     elif chunk is not None:
-        pattern = splash.ChunkedCausalMask(shape, chunk_size=chunk)
+        pattern = masks.ChunkedCausalMask(shape, chunk_size=chunk)
     else:
         pattern = splash.CausalMask(shape)
     block = next(size for size in (512, 256, 128) if length % size == 0)

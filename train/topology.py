@@ -271,10 +271,11 @@ def report_lines(c: SliceCompile) -> list[str]:
     t_dcn = dcn / chip.dcn_bytes_per_s if dcn and chip.dcn_bytes_per_s else 0.0
     step = max(t_compute, t_hbm, t_ici, t_dcn)
     mfu = analytic / (step * chip.peak_flops) if step else float("nan")
-    lines.append(f"ESTIMATE (roofline, not a measurement): compute {t_compute:.3f}s, HBM {t_hbm:.3f}s "
-                 f"({c.stats.hbm_bytes / GIB:.1f} GiB), ICI {t_ici:.3f}s ({ici / GIB:.2f} GiB collectives)"
-                 + (f", DCN {t_dcn:.3f}s ({dcn / GIB:.2f} GiB gradient all-reduce)" if sl.num_slices > 1 else "")
-                 + f" -> step >= {step:.3f}s, MFU <= {mfu:.0%}, {tokens / step:,.0f} tokens/s"
+    secs = lambda x: f"{x:.2f} s" if x >= 1 else f"{x * 1e3:.2f} ms"  # noqa: E731
+    lines.append(f"ESTIMATE (roofline, not a measurement): compute {secs(t_compute)}, HBM {secs(t_hbm)} "
+                 f"({c.stats.hbm_bytes / GIB:.1f} GiB), ICI {secs(t_ici)} ({ici / GIB:.2f} GiB collectives)"
+                 + (f", DCN {secs(t_dcn)} ({dcn / GIB:.2f} GiB gradient all-reduce)" if sl.num_slices > 1 else "")
+                 + f" -> step >= {secs(step)}, MFU <= {mfu:.0%}, {tokens / step:,.0f} tokens/s"
                  if step else "ESTIMATE: no work found in the compiled program")
     lines.append(f"  constants: {chip.source}")
     return lines
