@@ -6,7 +6,8 @@ the configured implementation, and the dense `xla` one), the SwiGLU feed-forward
 the cross-entropy (our trainer's chunked loss; `lm_head` + `cross_entropy` in torch), the optimizer
 update (optax AdamW with clipping vs `torch.optim.AdamW` + `clip_grad_norm_`, over the whole model's
 parameters) and the whole model (the loss, forward and backward). Ours and torch alternate, one call
-of each per round; the table shows medians. The forward outputs of the two are compared too
+of each per round; the table shows medians and ours backward / forward, (f+b − fwd) / fwd (near 0 for
+RoPE: a linear map's gradient needs no forward pass). The forward outputs of the two are compared too
 (`max_abs_diff`), so a fast part is known to compute the same thing.
 
     llama-jax bench ops --rounds 5

@@ -93,8 +93,9 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Mask) -> Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], implementation="cudnn")
 
 
-def blockwise_attention(q: Array, k: Array, v: Array, mask: Mask, block: int = 128) -> Array:
-    """The same function computed one block of `block` queries at a time, each against only the keys it
+def blockwise_attention(q: Array, k: Array, v: Array, mask: Mask, block: int | None = None) -> Array:
+    """The same function computed one block of `block` queries at a time (default 128, or T/16 for
+    sequences beyond 2048, so the unrolled loop stays short), each against only the keys it
     can see causally: the key blocks above the diagonal are never computed, forward or backward (about
     (n + 1) / 2n of the dense work for n blocks). For CPUs, where XLA runs no fused attention kernel.
 
@@ -110,6 +111,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, mask: Mask, block: int = 1
     if s != t:
         return xla_attention(q, k, v, mask)
     g = n // kv
+    block = block or max(128, -(-t // 16))
     visible = mask.dense()  # (B, T, S)
     q = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)  # (B, K, T, G, H)
     outs = []

@@ -303,7 +303,9 @@ class CpuPeak:
 def cpu_peak_flops(cache: Path | None = None, measure: Any = None) -> CpuPeak:
     """The fp32 matmul peak of this CPU, measured once per machine (CPU model and core count) and cached
     with the date: re-measured at every start, it read 0.07 to 0.46 TFLOP/s on a shared machine, and
-    the MFU of the same run with it. A cache that cannot be read or written only costs a measurement."""
+    the MFU of the same run with it. A measurement taken while other jobs load the machine stays low: delete
+    the entry (or the file) to measure again, or set `logging.peak_flops`. A cache that cannot be read or
+    written only costs a measurement."""
     cache = cache or cpu_peak_cache()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     key = f"{cpu_model()} ({cores} cores)"
