@@ -36,7 +36,7 @@ __all__ = ["ConvertError", "FORMATS", "convert", "detect_format", "find_tokenize
            "restore_params", "save"]
 
 FORMATS = ("meta", "hf", "orbax")
-TOKENIZER_FILES = ("tokenizer.model",)  # copied along by file-to-file conversion between Meta and HF
+TOKENIZER_FILES = ("tokenizer.model",)  # the tokenizer looked for beside a checkpoint (Meta's layout)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -168,9 +168,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
 
     Host memory stays near twice the largest tensor in every direction. To Meta/HF the tokenizer goes along
     (`find_tokenizer`: tokenizer.model beside `src`, or the one a training run's data was prepared with):
-    copied for Meta, written as transformers' tokenizer files for HF. To orbax each parameter is placed on the default device and written
-    before the next is read; `scan_layers` stores the layers stacked (each stacked leaf assembled one
-    layer at a time); a multi-host run converts on one host."""
+    copied for Meta, written as transformers' tokenizer files for HF. To orbax each parameter is placed on
+    the default device and written before the next is read; `scan_layers` stores the layers stacked (each
+    stacked leaf assembled one layer at a time); a multi-host run converts on one host."""
     if to not in FORMATS:
         raise ConvertError(f"unknown format {to!r}; expected one of {', '.join(FORMATS)}.")
     if scan_layers and to != "orbax":
