@@ -141,7 +141,7 @@ def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):
     assert cli_main(["quickstart", "--workdir", str(work), "--steps", "2", "--set", "train.eval_batches=1",
                      "--set", "train.eval_every=0", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "held-out loss" in out and "---- sample ----" in out and "done in" in out
+    assert "held-out loss" in out and "---- sample 1 of 2, prompt 'import os\\n\\n\\ndef '" in out and "done in" in out
     records = read_metrics(work / "run")
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert records[-1]["eval_bits_per_byte"] > 0

@@ -166,7 +166,10 @@ def test_eval_cli_and_init_from(tmp_path, capsys):
     assert set(final_eval) >= {"step", "eval_loss", "eval_perplexity"}
     assert (run_dir / "config.yaml").is_file()
     assert cli_main(["eval", str(run_dir)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])  # the JSON line last, a readable line before it
+    assert lines[-2] == (f"step 8: held-out loss {result['eval_loss']:.4f} nats/token, perplexity "
+                         f"{result['eval_perplexity']:.2f}, over {result['eval_tokens']:,} tokens")
     assert result["step"] == 8
     assert result["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-6)
     assert cli_main(["eval", str(run_dir / "checkpoints" / "4"), "--batches", "1"]) == 0

@@ -111,7 +111,8 @@ class Checkpointer:
             with failed_restores_are_quiet():
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(_abstract(abstract_state.params, state_shardings.params)),
-                    opt_state=ocp.args.StandardRestore(_abstract(abstract_state.opt_state, state_shardings.opt_state)),
+                    opt_state=ocp.args.StandardRestore(_abstract(abstract_state.opt_state,
+                                                                 state_shardings.opt_state)),
                     data=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore(),
                 ))

@@ -39,7 +39,7 @@ __all__ = ["ConvertError", "FORMATS", "convert", "detect_format", "find_tokenize
            "restore_params", "save"]
 
 FORMATS = ("meta", "hf", "orbax", "gguf")
-TOKENIZER_FILES = ("tokenizer.model",)  # copied along by file-to-file conversion between Meta and HF
+TOKENIZER_FILES = ("tokenizer.model",)  # the tokenizer looked for beside a checkpoint (Meta's layout)
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -45,10 +45,10 @@ from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
 from llama_jax.convert.common import (
     ConvertError,
     Key,
-    check_json_fields,
     Source,
     atomic_dir,
     cast,
+    check_json_fields,
     dtype_name,
     layer_index,
     np_dtype,
@@ -209,6 +209,7 @@ def config_from_hf(d: dict[str, Any], location: str) -> LlamaConfig:
     for k in ("rope_parameters", "rope_scaling"):
         if d.get(k):
             check_json_fields(d[k], ROPE_KINDS, location, what=f"{k}.")
+
     def need(k):
         if k not in d:
             raise ConvertError(f"{location}: required key {k!r} is missing.")

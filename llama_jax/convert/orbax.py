@@ -75,14 +75,15 @@ class _DropTaskNoise(logging.Filter):
 _QUIETED = False
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore: orbax reads every array concurrently (`asyncio.gather` over TensorStore futures)
-    and, when one read fails, raises at once and closes its event loop while the other reads are still in
-    flight. Nothing outside orbax can reach those reads; each later reports into the closed loop from a
-    TensorStore thread ("Event loop is closed"), and its coroutine complains when collected ("Task exception
-    was never retrieved", TensorStore spec dumps) — tracebacks after the one-line error. So: drop exactly
-    those reports from here on (the process is about to give up on the checkpoint), then give the reads a
-    moment to finish and collect their coroutines while the filter is in place."""
+def _drop_abandoned_read_reports() -> None:
+    """Drop, from now on, exactly the reports of reads a failed orbax restore abandons (process-wide, once).
+
+    orbax reads every array concurrently (`asyncio.gather` over TensorStore futures) and, when one read
+    fails, raises at once and closes its event loop while the other reads are still in flight. Nothing
+    outside orbax can reach those reads: each later reports into the closed loop from a TensorStore thread
+    ("Event loop is closed", possibly while the error is still propagating, so this is installed before a
+    restore starts), and its coroutine complains when collected ("Task exception was never retrieved",
+    TensorStore spec dumps) — tracebacks after the one-line error. A restore that succeeds produces neither."""
     global _QUIETED
     if not _QUIETED:
         import sys
@@ -91,21 +92,42 @@ def _quiet_abandoned_reads() -> None:
         sys.unraisablehook = lambda u: None if _is_abandoned_read(u) else previous(u)
         logging.getLogger("asyncio").addFilter(_DropTaskNoise())
         _QUIETED = True
-    import time
-
-    for _ in range(3):
-        time.sleep(0.1)
-        gc.collect()
 
 
 @contextlib.contextmanager
 def failed_restores_are_quiet():
-    """Around an orbax restore: if it raises, quiet the reads it abandoned (see `_quiet_abandoned_reads`)."""
-    try:
-        yield
-    except Exception:
-        _quiet_abandoned_reads()
-        raise
+    """Around an orbax restore: if it raises, nothing of the reads it abandoned reaches the user (see
+    `_drop_abandoned_read_reports`). Their reports can come from TensorStore's threads while the error is
+    still propagating, so stderr (the file descriptor) is held aside during the restore: replayed as it
+    was when the restore succeeds, dropped when it fails, after the abandoned reads were given a moment to
+    finish and their coroutines were collected, so nothing of them is left to print at exit either."""
+    import sys
+    import tempfile
+    import time
+
+    _drop_abandoned_read_reports()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except Exception:
+            failed = True
+            for _ in range(3):
+                time.sleep(0.1)
+                gc.collect()
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                text = held.read()
+                while text:
+                    text = text[os.write(2, text):]
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:
