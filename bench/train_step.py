@@ -46,7 +46,8 @@ def model_config(a):
 
     return LlamaConfig(dim=a.dim, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, vocab_size=a.vocab,
                        ffn_hidden=a.ffn, max_seq_len=a.seq, dtype=a.dtype, remat=a.remat, scan_layers=a.scan,
-                       n_experts=a.experts, experts_per_token=a.top_k if a.experts else 1,
+                       n_experts=getattr(a, "experts", 0),
+                       experts_per_token=a.top_k if getattr(a, "experts", 0) else 1,
                        **({"attention": a.attention} if a.attention else {}))
 
 

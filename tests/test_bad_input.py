@@ -169,7 +169,7 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], int, str, int]] = {
     "hf-missing-key": (_hf_with(lambda d: {k: v for k, v in d.items() if k != "vocab_size"}), 1,
                        "required key 'vocab_size' is missing", 0),
     "hf-invalid-json": (_hf_invalid_json, 1, "cannot read config.json", 0),
-    "hf-other-model-type": (_hf_with(_set("model_type", "mistral")), 1, "only 'llama' models are supported", 0),
+    "hf-other-model-type": (_hf_with(_set("model_type", "gpt2")), 1, "model_type is 'gpt2'; supported: 'llama'", 0),
     "meta-field-wrong-type-float": (_meta_with(_set("norm_eps", "x")), 1,
                                     "key 'norm_eps' is 'x'; expected a number", 0),
     "meta-field-wrong-type-int": (_meta_with(_set("vocab_size", "big")), 1,

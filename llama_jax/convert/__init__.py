@@ -229,12 +229,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
     if scan_layers and to != "orbax":
         raise ConvertError("scan_layers (stacked layers) applies to orbax output only; Meta and HF files are per layer.")
     if to == "gguf":
-        from llama_jax.convert.gguf import find_tokenizer, write_gguf
+        from llama_jax.convert.gguf import find_tokenizer as required_tokenizer, write_gguf
 
         if num_shards != 1 or dtype is not None:
             raise ConvertError("GGUF output is one file whose tensor types --gguf-type sets; --num-shards and "
                                "--dtype apply to the other formats.")
-        tok = tokenizer if tokenizer is not None else find_tokenizer(src)
+        tok = tokenizer if tokenizer is not None else required_tokenizer(src)
         with open_source(src) as source:
             return write_gguf(source, dst, gguf_type=gguf_type, tokenizer=tok)
     if detect_format(src) == "gguf":

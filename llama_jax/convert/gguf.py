@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -253,48 +252,15 @@ def write_tokenizer(reader: Any, out_dir: Path, location: str) -> Path | None:
 
 
 def find_tokenizer(src: str | os.PathLike) -> Path:
-    """The tokenizer of the checkpoint at `src`: `tokenizer.model` beside it (Meta, Hugging Face), or, for a
-    training run (its directory, `checkpoints/` or a step directory), the one in the prepared data
-    directory that the run's config.yaml names, checked against that directory's manifest."""
-    import json
+    """`llama_jax.convert.find_tokenizer` (tokenizer.model beside `src`, or a training run's, checked against
+    its data manifest), required: a GGUF file embeds the vocabulary, so finding none is an error."""
+    from llama_jax.convert import find_tokenizer as beside_or_from_run
 
-    import yaml
-
-    p = Path(src).absolute()
-    if (p / "tokenizer.model").is_file():
-        return p / "tokenizer.model"
-    for run in (p, p.parent, p.parent.parent):
-        cy = run / "config.yaml"
-        if not cy.is_file():
-            continue
-        try:
-            data = (yaml.safe_load(cy.read_text()) or {}).get("data") or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConvertError(f"{cy}: cannot read the run config ({e}).") from None
-        paths = data.get("path")
-        paths = list(paths) if isinstance(paths, (list, dict)) else [paths] if paths else []
-        for d in paths:
-            for base in (Path.cwd(), run, run.parent):
-                dd = base / d
-                mf = dd / "manifest.json"
-                if not mf.is_file():
-                    continue
-                try:
-                    tk = json.loads(mf.read_text())["tokenizer"]
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    raise ConvertError(f"{mf}: no readable tokenizer entry ({e}).") from None
-                f = dd / tk.get("file", "tokenizer.model")
-                if not f.is_file():
-                    raise ConvertError(f"{mf} names tokenizer {f}, which does not exist; pass --tokenizer.")
-                h = hashlib.sha256(f.read_bytes()).hexdigest()
-                if tk.get("sha256") not in (None, h):
-                    raise ConvertError(f"{f} is not the tokenizer the data was prepared with (sha256 {h[:12]}..., "
-                                       f"manifest says {tk['sha256'][:12]}...); pass --tokenizer.")
-                return f
-        raise ConvertError(f"{cy}: the run's data directory ({paths}) has no manifest.json with a tokenizer; "
-                           f"pass --tokenizer FILE.")
-    raise ConvertError(f"{src}: no tokenizer.model beside the checkpoint and no training run config.yaml above it; "
-                       f"pass --tokenizer FILE (GGUF embeds the vocabulary).")
+    found = beside_or_from_run(src)
+    if found is None:
+        raise ConvertError(f"{src}: no tokenizer.model beside the checkpoint and no training run config.yaml above "
+                           f"it; pass --tokenizer FILE (GGUF embeds the vocabulary).")
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ writer
