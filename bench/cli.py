@@ -11,11 +11,11 @@ EXAMPLE = "llama-jax bench train --peer torch --json"
 # name -> module. A module defines HELP, EXAMPLE, add_arguments(parser) and main(args), or (marked
 # "argv") a main(argv) that parses its own arguments.
 BENCHMARKS = {
-    "train": ("bench.train_step", "args"),
-    "generate": ("bench.generate", "args"),
-    "convert": ("bench.bench_convert", "args"),
-    "data": ("bench.bench_data", "args"),
-    "scaling-fit": ("bench.bench_scaling_fit", "argv"),
+    "train": ("llama_jax_bench.train_step", "args"),
+    "generate": ("llama_jax_bench.generate", "args"),
+    "convert": ("llama_jax_bench.bench_convert", "args"),
+    "data": ("llama_jax_bench.bench_data", "args"),
+    "scaling-fit": ("llama_jax_bench.bench_scaling_fit", "argv"),
 }
 
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bench.peer import add_model_arguments, add_output_arguments, hf_model, peer_name
+from llama_jax_bench.peer import add_model_arguments, add_output_arguments, hf_model, peer_name
 
 HELP = "training-step tokens/s and MFU, side by side with transformers + torch.optim.AdamW"
 EXAMPLE = "llama-jax bench train --peer torch --rounds 5"
@@ -45,9 +45,9 @@ def ours(cfg, tokens: np.ndarray):
     import jax
     import jax.numpy as jnp
 
-    from train.config import OptimConfig
-    from train.optim import learning_rate_schedule, make_optimizer
-    from train.step import init_state, make_train_step
+    from llama_jax_train.config import OptimConfig
+    from llama_jax_train.optim import learning_rate_schedule, make_optimizer
+    from llama_jax_train.step import init_state, make_train_step
 
     ocfg = OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000)
     tx = make_optimizer(ocfg)
@@ -104,8 +104,8 @@ def timed(fn) -> float:
 
 
 def main(a) -> int:
-    from bench.report import emit
-    from train.scaling.flops import device_peak_flops, mfu_flops_per_token
+    from llama_jax_bench.report import emit
+    from llama_jax_train.scaling.flops import device_peak_flops, mfu_flops_per_token
 
     cfg = model_config(a)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))

@@ -25,7 +25,7 @@ the units that are not in the progress log, without duplicating a document.
 
 The manifest records `documents` and `tokens` (BOS and EOS included), the tokenizer's sha256, every
 input file with its sha256 and its own document/token counts, and the documents skipped by reason (see
-`data_pipeline.sources`).
+`llama_jax_data.sources`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.sources import (
+from llama_jax_data.sources import (
     SKIP_REASONS,
     InputFile,
     check_input,

@@ -27,8 +27,8 @@ import optax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, output_kernel
-from train.optim import global_norm
-from train.sharding import BATCH_AXES, LOGICAL_AXIS_RULES
+from llama_jax_train.optim import global_norm
+from llama_jax_train.sharding import BATCH_AXES, LOGICAL_AXIS_RULES
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -179,7 +179,7 @@ def make_eval_step(cfg: LlamaConfig, *, loss_chunk: int = 1024, mesh: jax.shardi
 
 
 def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """A fresh TrainState with boxed (logically partitioned) params — for `train.sharding.sharded_init`."""
+    """A fresh TrainState with boxed (logically partitioned) params — for `llama_jax_train.sharding.sharded_init`."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = Llama(cfg).init(key, tokens)["params"]
     # The optimizer state mirrors the parameters' boxes, so its moments get the same shardings.
