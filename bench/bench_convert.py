@@ -163,7 +163,7 @@ def main(a) -> int:
     record = {"preset": a.preset, "params": n_params, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
               "steps": results}
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.report import emit
+    from llama_jax_bench.report import emit
 
     emit("checkpoint conversion", rows, record, save=a.save)
     return 0

@@ -1,6 +1,6 @@
 """Data pipeline speed: tokenization per core and across cores, and packed-batch loading on one core.
 
-    llama-jax bench data [--quick] [--save]      (or: python -m bench.bench_data)
+    llama-jax bench data [--quick] [--save]      (or: python -m llama_jax_bench.bench_data)
 
 1. Tokenization. The same documents are tokenized (a) by the tokenizer library directly in a tight
    loop over in-memory strings: the fastest of the library's own per-document calls
@@ -79,7 +79,7 @@ def _library_calls(tok) -> dict:
 def _library_loop(args) -> float:
     """Seconds of the library's fastest call over the paragraphs of `directory` (median of 5), in a worker."""
     tok_path, directory = args
-    from data_pipeline.sources import expand_inputs, iter_documents
+    from llama_jax_data.sources import expand_inputs, iter_documents
     from llama_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
@@ -112,8 +112,8 @@ def _per_core(args) -> dict:
     """One comparison, in a fresh process: the library's tight loop vs the pipeline's worker on the
     files of `directory`, pinned to one core, alternating, best of `reps` each (CPU seconds)."""
     directory, tok_path, split, reps, shards = args
-    from data_pipeline.prepare import run_unit
-    from data_pipeline.sources import expand_inputs, iter_documents
+    from llama_jax_data.prepare import run_unit
+    from llama_jax_data.sources import expand_inputs, iter_documents
     from llama_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
@@ -156,8 +156,8 @@ def _per_core(args) -> dict:
 def bench_tokenization(tok_paths: dict[str, Path], workdir: Path, quick: bool) -> dict:
     import multiprocessing as mp
 
-    from data_pipeline.prepare import prepare
-    from data_pipeline.sources import default_corpus
+    from llama_jax_data.prepare import prepare
+    from llama_jax_data.sources import default_corpus
 
     # Two kinds of documents: short paragraphs of prose (the shared corpus, ~100 tokens each, where
     # per-document costs show) and whole source files (the standard library, thousands of tokens each).
@@ -231,8 +231,8 @@ def bench_tokenization(tok_paths: dict[str, Path], workdir: Path, quick: bool) -
 
 
 def bench_loader(tok_path: Path, workdir: Path, quick: bool) -> dict:
-    from data_pipeline.loader import LLAMA1_MIXTURE, make_loader
-    from data_pipeline.prepare import prepare
+    from llama_jax_data.loader import LLAMA1_MIXTURE, make_loader
+    from llama_jax_data.prepare import prepare
 
     data = workdir / "loader-data"
     prepare([SHARED / "corpus"], data, tok_path, split_blank_lines=True, progress=False, log=lambda msg: None)
@@ -313,7 +313,7 @@ def main(args) -> int:
                                           f"{v['tokens_per_s_wall'] / 1e6:.2f} M tok/s wall (target >= 1)"))
     record = {"tokenization": tokenization, "loader": loading, "cpu_count": os.cpu_count()}
 
-    from bench.report import emit
+    from llama_jax_bench.report import emit
 
     emit("data pipeline", rows, json.loads(json.dumps(record)), save=args.save)
     return 0

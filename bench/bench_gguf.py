@@ -126,7 +126,7 @@ def _rss_child(src: str, out: str, gtype: str) -> None:
     import orbax.checkpoint  # noqa: F401  (imported up front: part of the constant, as in bench_convert)
     import torch  # noqa: F401
 
-    from bench.bench_convert import _rss_now
+    from llama_jax_bench.bench_convert import _rss_now
     from llama_jax.convert import open_source
     from llama_jax.convert.gguf import write_gguf
 
@@ -140,7 +140,7 @@ def _rss_child(src: str, out: str, gtype: str) -> None:
 
 
 def run_rss(args) -> int:
-    from bench.bench_convert import _run  # generates the random Meta checkpoint of a preset's shapes
+    from llama_jax_bench.bench_convert import _run  # generates the random Meta checkpoint of a preset's shapes
     from llama_jax.config import get_preset
     from llama_jax.convert.common import param_table
 

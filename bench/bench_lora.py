@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bench.peer import add_model_arguments
+from llama_jax_bench.peer import add_model_arguments
 
 HELP = "LoRA vs full fine-tuning: step time and memory of the same model's train step"
 EXAMPLE = "llama-jax bench lora --rank 16 --rounds 5"
@@ -38,10 +38,10 @@ def _step(cfg, lora, tokens: np.ndarray):
     import jax
     import jax.numpy as jnp
 
-    from train.config import OptimConfig
-    from train.loop import step_memory
-    from train.optim import learning_rate_schedule, make_optimizer
-    from train.step import init_state, make_train_step
+    from llama_jax_train.config import OptimConfig
+    from llama_jax_train.loop import step_memory
+    from llama_jax_train.optim import learning_rate_schedule, make_optimizer
+    from llama_jax_train.step import init_state, make_train_step
 
     ocfg = OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000)
     tx = make_optimizer(ocfg)
@@ -64,10 +64,10 @@ def _step(cfg, lora, tokens: np.ndarray):
 
 
 def main(a) -> int:
-    from bench.report import emit
-    from bench.train_step import model_config
+    from llama_jax_bench.report import emit
+    from llama_jax_bench.train_step import model_config
     from llama_jax.model import count_params
-    from train.config import LoraConfig
+    from llama_jax_train.config import LoraConfig
 
     a.dtype, a.remat, a.attention, a.scan = "float32", "none", "xla", False
     cfg = model_config(a)

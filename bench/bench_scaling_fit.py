@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from train.scaling import fit as F
+from llama_jax_train.scaling import fit as F
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,14 +11,14 @@ EXAMPLE = "llama-jax bench train --peer torch --json"
 # name -> module. A module defines HELP, EXAMPLE, add_arguments(parser) and main(args), or (marked
 # "argv") a main(argv) that parses its own arguments.
 BENCHMARKS = {
-    "train": ("bench.train_step", "args"),
-    "generate": ("bench.generate", "args"),
-    "convert": ("bench.bench_convert", "args"),
-    "data": ("bench.bench_data", "args"),
-    "ops": ("bench.ops", "args"),
-    "scaling-fit": ("bench.bench_scaling_fit", "argv"),
-    "lora": ("bench.bench_lora", "args"),
-    "gguf": ("bench.bench_gguf", "args"),
+    "train": ("llama_jax_bench.train_step", "args"),
+    "generate": ("llama_jax_bench.generate", "args"),
+    "convert": ("llama_jax_bench.bench_convert", "args"),
+    "data": ("llama_jax_bench.bench_data", "args"),
+    "ops": ("llama_jax_bench.ops", "args"),
+    "scaling-fit": ("llama_jax_bench.bench_scaling_fit", "argv"),
+    "lora": ("llama_jax_bench.bench_lora", "args"),
+    "gguf": ("llama_jax_bench.bench_gguf", "args"),
 }
 
 

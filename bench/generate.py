@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from bench.peer import add_model_arguments, add_output_arguments, hf_model
+from llama_jax_bench.peer import add_model_arguments, add_output_arguments, hf_model
 
 HELP = "KV-cache decoding tokens/s at batch 1 and 32, side by side with transformers' generate"
 EXAMPLE = "llama-jax bench generate --batches 1,32 --new-tokens 128"
@@ -34,7 +34,7 @@ def main(a) -> int:
     import jax
     import jax.numpy as jnp
 
-    from bench.report import emit
+    from llama_jax_bench.report import emit
     from llama_jax import Llama, LlamaConfig
     from llama_jax.generate import generate
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bench.peer import add_model_arguments, add_output_arguments, hf_model
+from llama_jax_bench.peer import add_model_arguments, add_output_arguments, hf_model
 
 HELP = "forward and forward+backward time of each model part (norm, RoPE, attention, MLP, loss, optimizer) vs torch"
 EXAMPLE = "llama-jax bench ops --rounds 5"
@@ -82,7 +82,7 @@ def parts(cfg, batch: int, seq: int, loss_chunk: int, attention: str) -> list[tu
 
     from llama_jax.attention import IMPLEMENTATIONS, Mask, resolve
     from llama_jax.model import FeedForward, RMSNorm, apply_rope, rope_frequencies
-    from train.step import chunked_cross_entropy
+    from llama_jax_train.step import chunked_cross_entropy
 
     rng = np.random.default_rng(0)
     b, t, d, n, h, f, v = batch, seq, cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_hidden, cfg.vocab_size
@@ -172,8 +172,8 @@ def _optimizers(cfg) -> dict:
     import torch
 
     from llama_jax import Llama
-    from train.config import OptimConfig
-    from train.optim import make_optimizer
+    from llama_jax_train.config import OptimConfig
+    from llama_jax_train.optim import make_optimizer
 
     tx = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000))
     params = nn.meta.unbox(Llama(cfg).init(jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32)))["params"]
@@ -213,7 +213,7 @@ def _whole_model(cfg, b: int, t: int, loss_chunk: int, attention: str) -> dict:
     import torch
 
     from llama_jax import Llama
-    from train.step import loss_sums
+    from llama_jax_train.step import loss_sums
 
     mcfg = cfg.replace(attention=attention)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(b, t + 1))
@@ -267,8 +267,8 @@ def measure(named_parts, rounds: int) -> list[dict]:
 def main(a) -> int:
     import jax
 
-    from bench.report import emit
-    from bench.train_step import model_config
+    from llama_jax_bench.report import emit
+    from llama_jax_bench.train_step import model_config
     from llama_jax.attention import resolve
 
     a.dtype, a.remat, a.scan = "float32", "none", False

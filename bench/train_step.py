@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bench.peer import add_model_arguments, add_output_arguments, hf_model, peer_name
+from llama_jax_bench.peer import add_model_arguments, add_output_arguments, hf_model, peer_name
 
 HELP = "training-step tokens/s and MFU, side by side with transformers + torch.optim.AdamW"
 EXAMPLE = "llama-jax bench train --peer torch --rounds 5"
@@ -54,14 +54,14 @@ def model_config(a):
 def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
     """A zero-argument callable running one of our train steps (and blocking until it's done).
 
-    The step is the trainer's own: `train.loop.setup` builds it from a run config (mesh over this
+    The step is the trainer's own: `llama_jax_train.loop.setup` builds it from a run config (mesh over this
     machine's devices, shardings, `train.loss_chunk`, donated state), as `llama-jax train` does, so the
     benchmark times the compiled function a training run executes (on one device: the mesh of a
     single-CPU or single-accelerator run)."""
     import jax
 
-    from train.config import DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
-    from train.loop import fresh_state, setup
+    from llama_jax_train.config import DataConfig, MeshConfig, OptimConfig, RunConfig, TrainConfig
+    from llama_jax_train.loop import fresh_state, setup
 
     b, t1 = tokens.shape
     t = t1 - 1
@@ -163,9 +163,9 @@ def timed(fn) -> float:
 
 
 def main(a) -> int:
-    from bench.report import emit
-    from train.metrics import peak_source
-    from train.scaling.flops import device_peak_flops, mfu_flops_per_token
+    from llama_jax_bench.report import emit
+    from llama_jax_train.metrics import peak_source
+    from llama_jax_train.scaling.flops import device_peak_flops, mfu_flops_per_token
 
     cfg = model_config(a)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))

@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from data_pipeline.prepare import prepare
-    from data_pipeline.sources import default_corpus
+    from llama_jax_data.prepare import prepare
+    from llama_jax_data.sources import default_corpus
 
     inputs = list(args.inputs)
     if args.python_stdlib:

@@ -15,7 +15,7 @@ Record formats (one JSON object a line):
   with a chat template of `llama_jax.chat`; the loss covers the assistant turns and their end of turn.
 
 A record that cannot be an example (a missing or non-string field, an empty output, a dialog without an
-assistant turn) is skipped and counted under its reason, like a document in `data_pipeline.sources`.
+assistant turn) is skipped and counted under its reason, like a document in `llama_jax_data.sources`.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_pipeline.prepare import read_manifest
+from llama_jax_data.prepare import read_manifest
 
 __all__ = [
     "make_loader",

@@ -15,7 +15,7 @@ Output directory layout:
     shard-00000.blocks.npy         the first document of each block, then the shard's document count
     shard-00000.masks.npy          instruction/chat data only (`record_format` alpaca or messages): the loss
                                    mask of every token of the shard, uint8, in the token stream's order
-                                   (1 on response tokens; see `data_pipeline.instruct`)
+                                   (1 on response tokens; see `llama_jax_data.instruct`)
     .prepare-progress.jsonl        one line per finished shard (resume state); kept after completion
 
 The work is planned before it starts: the inputs (sorted) are cut into *units* of about `unit_bytes` of
@@ -28,7 +28,7 @@ the units that are not in the progress log, without duplicating a document.
 
 The manifest records `documents` and `tokens` (BOS and EOS included), the tokenizer's sha256, every
 input file with its sha256 and its own document/token counts, and the documents skipped by reason (see
-`data_pipeline.sources`).
+`llama_jax_data.sources`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.sources import (
+from llama_jax_data.sources import (
     SKIP_REASONS,
     InputFile,
     check_input,
@@ -241,8 +241,8 @@ def run_unit(
 def _example_batches(tok, f: InputFile, start: int, end: int | None, options: dict, dtype, skipped: Counter,
                      batch: int = 256):
     """Instruction/chat records of one JSONL piece as (token bytes, counts, masks) per batch of examples."""
-    from data_pipeline.instruct import encode_examples, record_examples
-    from data_pipeline.sources import _jsonl_lines, _jsonl_records
+    from llama_jax_data.instruct import encode_examples, record_examples
+    from llama_jax_data.sources import _jsonl_lines, _jsonl_records
 
     examples: list = []
     for record in _jsonl_records(_jsonl_lines(f, start, end), skipped):
@@ -439,7 +439,7 @@ def prepare(
 
     `max_units` stops after that many units, as an interrupted run would (for tests and staged runs).
     `record_format` "alpaca" or "messages" reads JSONL instruction/chat records into examples with a loss
-    mask (`data_pipeline.instruct`; `template` names the chat template, default from the tokenizer).
+    mask (`llama_jax_data.instruct`; `template` names the chat template, default from the tokenizer).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if train_tokenizer == (tokenizer is not None):
@@ -565,7 +565,7 @@ def prepare(
 
 
 def _check_records(files: Sequence[InputFile], record_format: str, template: str | None, train_tokenizer: bool) -> None:
-    from data_pipeline.instruct import RECORD_FORMATS
+    from llama_jax_data.instruct import RECORD_FORMATS
     from llama_jax.chat import TEMPLATES
 
     if record_format not in RECORD_FORMATS:

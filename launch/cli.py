@@ -10,7 +10,7 @@ EXAMPLE = ("llama-jax launch local --processes 2 --config configs/debug-cpu.yaml
            "  llama-jax launch tpu up --project P --zone us-east5-a --accelerator-type v5p-32 --config run.yaml "
            "--dry-run")
 
-TARGETS = {"local": "launch.local", "tpu": "launch.tpu_pod"}
+TARGETS = {"local": "llama_jax_launch.local", "tpu": "llama_jax_launch.tpu_pod"}
 
 
 def _module(name: str):

@@ -9,7 +9,7 @@ When one process fails the others get `--grace` seconds to notice and stop, then
 dead peer never leaves the launcher hanging. Ctrl-C (or SIGTERM) is forwarded to every process, and the
 trainer saves a checkpoint before it exits, so running the same command again resumes.
 
-    python -m launch.local --processes 2 --devices-per-process 4 --config configs/debug-cpu.yaml
+    python -m llama_jax_launch.local --processes 2 --devices-per-process 4 --config configs/debug-cpu.yaml
     launch/local.sh --processes 4 --config configs/debug-cpu.yaml --set train.steps=20 --set run_dir=/tmp/r4
 """
 
@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m launch.local", description=HELP,
+    _parser = argparse.ArgumentParser(prog="python -m llama_jax_launch.local", description=HELP,
                                       epilog=f"example:\n  {EXAMPLE}",
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_parser)

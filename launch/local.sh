@@ -8,4 +8,4 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python3}" -m launch.local "$@"
+exec "${PYTHON:-python3}" -m llama_jax_launch.local "$@"

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 # Connecting (and the deadline that guards every blocking phase) belongs to the trainer; preflight reuses it.
-from train.distributed import (EXIT_FAILED, Deadline, _first_line, _hard_exit, _say, connect,  # noqa: F401
+from llama_jax_train.distributed import (EXIT_FAILED, Deadline, _first_line, _hard_exit, _say, connect,  # noqa: F401
                                wants_distributed, who)
 
 HELP = "check a (multi-host) run before it starts: processes, versions, config, mesh, storage, memory"
@@ -62,7 +62,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
 PLUGINS = ("libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt")
 # The project's packages: their source files are hashed, so hosts running different code are caught even
 # when the version number is the same (an edited checkout on one host).
-SOURCE_PACKAGES = ("llama_jax", "train", "data_pipeline", "launch", "bench")
+SOURCE_PACKAGES = ("llama_jax", "llama_jax_train", "llama_jax_data", "llama_jax_launch", "llama_jax_bench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Exchange:
         return out
 
     def _allgather_devices(self, name: str, obj: Any) -> list[Any]:
-        from train.checkpoint import allgather_json
+        from llama_jax_train.checkpoint import allgather_json
 
         with Deadline(self.timeout, f"{self.me}: exchanging {name} facts with the other processes did not finish "
                                     f"within {self.timeout:g}s."):
@@ -386,7 +386,7 @@ def compiled_memory(cfg: Any) -> tuple[int | None, float, Any]:
     """Per-device bytes the train step needs (arguments + outputs - donated aliases + temporaries), from an
     ahead-of-time compile for the configured mesh with abstract inputs; the compile seconds; and the trainer's
     `Setup`, whose jitted step now holds the compiled executable (training with it does not compile again)."""
-    from train.loop import compile_step, setup, step_memory
+    from llama_jax_train.loop import compile_step, setup, step_memory
 
     s = setup(cfg)
     compiled, seconds = compile_step(s)
@@ -510,7 +510,7 @@ def _check_devices(run: _Run) -> tuple[dict | None, bool]:
     import jax
 
     from llama_jax.config import ConfigError
-    from train import sharding as sh
+    from llama_jax_train import sharding as sh
 
     # Starting the backend waits for every process's backend, so a host whose devices fail must tell the others
     # (fail_fast) rather than leave them waiting here until the deadline.
@@ -681,7 +681,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
-    from train.config import load_config
+    from llama_jax_train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -703,9 +703,9 @@ def main(args: argparse.Namespace) -> int:
 
 def topology_memory_check(cfg: Any, topology: str, num_slices: int | None = None) -> int:
     """The memory check for a TPU slice this machine does not have: the train step compiled by libtpu for it
-    (`train.topology`). 0 when it fits the chip's HBM, 1 when not, 2 for a bad slice name or no libtpu."""
-    from train.sharding import ShardingError
-    from train.topology import TopologyError, compile_for_slice, parse_slice
+    (`llama_jax_train.topology`). 0 when it fits the chip's HBM, 1 when not, 2 for a bad slice name or no libtpu."""
+    from llama_jax_train.sharding import ShardingError
+    from llama_jax_train.topology import TopologyError, compile_for_slice, parse_slice
 
     try:
         c = compile_for_slice(cfg, parse_slice(topology, num_slices or cfg.mesh.dcn))
@@ -749,6 +749,6 @@ def run_checks(cfg: Any, opts: Options = Options(), *, connect_seconds: float = 
 
 def _train(cfg: Any, prepared: Any = None) -> int:
     """The trainer, in this process (so the distributed runtime and the compiled step are reused)."""
-    from train.cli import run
+    from llama_jax_train.cli import run
 
     return run(cfg, prepared=prepared)

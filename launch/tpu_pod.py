@@ -89,7 +89,7 @@ def validate_locally(config: str, overrides: Sequence[str], accelerator_type: st
     devices, hosts = slice_shape(accelerator_type)
     try:
         from llama_jax.config import ConfigError
-        from train.config import load_config
+        from llama_jax_train.config import load_config
     except ImportError:
         return [f"the project is not importable here, so {config} was not validated locally (preflight will on the pod)"]
     try:
@@ -97,7 +97,7 @@ def validate_locally(config: str, overrides: Sequence[str], accelerator_type: st
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     try:
-        from train.sharding import MESH_AXES, ShardingError, resolve_mesh_shape
+        from llama_jax_train.sharding import MESH_AXES, ShardingError, resolve_mesh_shape
     except ImportError:  # jax missing on this machine: the mesh is checked by preflight on the pod
         return [f"{config} is valid; the mesh was not checked here (no jax), preflight will on the pod"]
     try:

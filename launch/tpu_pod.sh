@@ -9,4 +9,4 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python3}" -m launch.tpu_pod "$@"
+exec "${PYTHON:-python3}" -m llama_jax_launch.tpu_pod "$@"

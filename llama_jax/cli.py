@@ -17,16 +17,16 @@ import sys
 
 # name -> module implementing it. Order is the order shown in --help.
 COMMANDS: dict[str, str] = {
-    "quickstart": "train.quickstart",
-    "prepare": "data_pipeline.cli",
-    "train": "train.cli",
-    "eval": "train.eval_cli",
+    "quickstart": "llama_jax_train.quickstart",
+    "prepare": "llama_jax_data.cli",
+    "train": "llama_jax_train.cli",
+    "eval": "llama_jax_train.eval_cli",
     "convert": "llama_jax.convert.cli",
     "generate": "llama_jax.generate_cli",
-    "scaling": "train.scaling.cli",
-    "bench": "bench.cli",
-    "preflight": "launch.preflight",
-    "launch": "launch.cli",
+    "scaling": "llama_jax_train.scaling.cli",
+    "bench": "llama_jax_bench.cli",
+    "preflight": "llama_jax_launch.preflight",
+    "launch": "llama_jax_launch.cli",
 }
 
 

@@ -36,7 +36,7 @@ def tiny_run(shared_data, tmp_path_factory) -> dict[str, Path]:
     Keys: dir, text, data, run, config (the run's YAML), cache (the JAX compilation cache the run used)."""
     import yaml
 
-    from data_pipeline.prepare import prepare
+    from llama_jax_data.prepare import prepare
     from llama_jax.cli import main
     from train_helpers import fast_compile
 

@@ -80,7 +80,7 @@ def test_splash_window_and_chunk_equal_xla(window, chunk):
 def test_splash_under_a_mesh_splits_batch_and_heads():
     """Under the trainer's mesh context and rule table the kernel runs per shard (shard_map over batch and
     heads) and gives the unsharded result."""
-    from train.sharding import make_mesh, rules_for
+    from llama_jax_train.sharding import make_mesh, rules_for
 
     mesh = make_mesh((2, 2, 2), jax.devices()[:8])
     q, k, v, mask = _inputs(jnp.float32, b=4, t=128, n=4, kv=2, h=32)

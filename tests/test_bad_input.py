@@ -123,7 +123,7 @@ def _train(e: Env, *overrides: str) -> list[str]:
 
 
 def _train_empty_data(e: Env) -> list[str]:
-    from data_pipeline.prepare import prepare
+    from llama_jax_data.prepare import prepare
 
     (e.case / "blank.txt").write_text("  \n\n \n")
     prepare([str(e.case / "blank.txt")], e.case / "empty", e.run["data"] / "tokenizer.model", progress=False,

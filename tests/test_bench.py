@@ -41,7 +41,7 @@ def test_bench_data_measures_what_it_says_on_a_small_corpus(shared_data, tmp_pat
     """The data benchmark's two measurements, on 200 KB: the per-core comparison tokenizes the same
     documents both ways (it checks the token counts itself), and the ceiling of N processes is N x the
     time of one over the slowest of N (1 for one)."""
-    from bench.bench_data import _library_ceiling, _per_core
+    from llama_jax_bench.bench_data import _library_ceiling, _per_core
     from llama_jax.tokenizer import load_tokenizer
 
     corpus = tmp_path / "corpus"

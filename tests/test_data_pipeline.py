@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline import cli as prepare_cli
-from data_pipeline.loader import LLAMA1_MIXTURE, eval_batches, llama1_mixture, make_loader, parse_mixture
-from data_pipeline.prepare import prepare, read_manifest
-from data_pipeline.sources import default_corpus, expand_inputs
+from llama_jax_data import cli as prepare_cli
+from llama_jax_data.loader import LLAMA1_MIXTURE, eval_batches, llama1_mixture, make_loader, parse_mixture
+from llama_jax_data.prepare import prepare, read_manifest
+from llama_jax_data.sources import default_corpus, expand_inputs
 
 QUIET = {"progress": False, "log": lambda msg: None}
 
@@ -131,7 +131,7 @@ def test_manifest_counts_equal_direct_tokenizer_count(prepared, ref, corpus):
 
 
 def test_records_hold_the_documents_in_order(prepared, ref):
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
 
     out, manifest, docs = prepared
     data = PreparedData(out)
@@ -145,11 +145,11 @@ def test_records_hold_the_documents_in_order(prepared, ref):
 
 
 def test_shards_are_blocks_of_whole_documents(prepared):
-    """The on-disk layout (see data_pipeline.prepare): each ArrayRecord record is the documents whose
+    """The on-disk layout (see llama_jax_data.prepare): each ArrayRecord record is the documents whose
     first byte lies in one BLOCK_BYTES slice of the shard's token stream, end to end."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from data_pipeline.prepare import BLOCK_BYTES
+    from llama_jax_data.prepare import BLOCK_BYTES
 
     out, manifest, _ = prepared
     itemsize = np.dtype(manifest["dtype"]).itemsize
@@ -167,7 +167,7 @@ def test_shards_are_blocks_of_whole_documents(prepared):
 
 
 def test_blocks_do_not_depend_on_batching():
-    from data_pipeline.prepare import BLOCK_BYTES, _Blocks
+    from llama_jax_data.prepare import BLOCK_BYTES, _Blocks
 
     rng = np.random.default_rng(0)
     counts = rng.integers(2, 3 * BLOCK_BYTES // 2, size=300)  # uint16 tokens: some records span slices
@@ -241,7 +241,7 @@ def test_big_jsonl_is_split_by_byte_ranges(corpus, ref, tok_path, tmp_path):
 
 
 def test_big_text_is_split_by_paragraph_ranges(corpus, ref, tok_path, tmp_path):
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
 
     root, docs = corpus
     all_docs = docs["war-and-peace"]
@@ -258,7 +258,7 @@ def test_big_text_is_split_by_paragraph_ranges(corpus, ref, tok_path, tmp_path):
 def test_paragraph_ranges_tile_the_file(tmp_path):
     """Any cut of a text file into byte ranges reads every paragraph once, split as the whole file is:
     cuts inside paragraphs, inside separators, in CRLF and whitespace-only lines, at both ends."""
-    from data_pipeline.sources import expand_inputs, iter_documents
+    from llama_jax_data.sources import expand_inputs, iter_documents
 
     rng = np.random.default_rng(0)
     seps = ["\n\n", "\n\n\n", "\n \n", "\r\n\r\n", "\n\t\n\n", "\n  \n \n"]
@@ -351,7 +351,7 @@ def test_document_batches_are_the_documents(tmp_path):
     text full of the cases its paragraph splitting special-cases."""
     import random
 
-    from data_pipeline.sources import iter_document_batches, iter_documents
+    from llama_jax_data.sources import iter_document_batches, iter_documents
 
     rng = random.Random(0)
     alphabet = ["a", "b", " ", "\t", "\r", "\n", "\n", "\n\n", "\f", "\u00e9", "\u2003", "\u3000"]
@@ -391,7 +391,7 @@ def test_document_batches_are_the_documents(tmp_path):
 def test_llama3_shards_hold_bos_tokens_eos(shared_data, tmp_path):
     """The Llama 3 record encoder (the fast path of data preparation) against the tokenizer's own
     `encode`: special-token spellings as text, texts long enough to be cut, and lone surrogates skipped."""
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
     from llama_jax.tokenizer import load_tokenizer
 
     path = shared_data / "tokenizers/llama3/tokenizer.model"
@@ -678,7 +678,7 @@ def test_loader_bad_inputs(prepared, wiki, corpus, shared_data, tmp_path):
 
 
 def test_hugging_face_inputs_are_parsed_and_guarded(tok_path, tmp_path):
-    from data_pipeline.sources import parse_hf
+    from llama_jax_data.sources import parse_hf
 
     assert parse_hf("hf:allenai/c4:en:validation") == ("allenai/c4", "en", "validation")
     assert parse_hf("hf:wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1", "train")

@@ -393,7 +393,7 @@ def _bench():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import bench.bench_gguf as b
+    import llama_jax_bench.bench_gguf as b
 
     return b
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import local, preflight, tpu_pod
+from llama_jax_launch import local, preflight, tpu_pod
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -49,10 +49,10 @@ def write_config(tmp: Path, run_dir: Path, **sections) -> Path:
 
 
 def run_local(config: Path, *args: str, timeout: float = 300) -> tuple[int, str, float]:
-    """The local launcher's command line, as a user runs it (`python -m launch.local`)."""
+    """The local launcher's command line, as a user runs it (`python -m llama_jax_launch.local`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     t0 = time.monotonic()
-    p = subprocess.run([PY, "-m", "launch.local", "--config", str(config), *args], cwd=REPO, env=env,
+    p = subprocess.run([PY, "-m", "llama_jax_launch.local", "--config", str(config), *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
@@ -73,8 +73,8 @@ def losses(run_dir: Path) -> list[tuple[int, float, float]]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[tuple[int, float, float]]:
     """One process, the 8 host devices of this test process, the same 8-device mesh as the launched runs."""
-    from train.config import load_config
-    from train.loop import train
+    from llama_jax_train.config import load_config
+    from llama_jax_train.loop import train
 
     tmp = tmp_path_factory.mktemp("ref")
     cfg = load_config(write_config(tmp, tmp / "run"))
@@ -205,7 +205,7 @@ def test_launcher_stops_the_others_when_one_process_dies(tmp_path):
 
 
 def cfg_with(tmp_path: Path, **sections):
-    from train.config import load_config
+    from llama_jax_train.config import load_config
 
     return load_config(write_config(tmp_path, tmp_path / "run", **sections))
 
@@ -230,7 +230,7 @@ def test_preflight_batch_that_does_not_divide_over_the_mesh(tmp_path):
 def test_preflight_unwritable_checkpoint_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    from train.config import load_config
+    from llama_jax_train.config import load_config
 
     cfg = load_config(write_config(tmp_path, blocker / "run"))
     report = preflight.check(cfg, NO_COMPILE)
@@ -308,7 +308,7 @@ def test_preflight_cli_bad_config_is_one_line(tmp_path, capsys):
 
 
 def test_deadline_ends_a_stuck_phase_with_one_line():
-    code = ("from launch.preflight import Deadline\nimport time\n"
+    code = ("from llama_jax_launch.preflight import Deadline\nimport time\n"
             "with Deadline(0.5, 'process 0 (h): stuck in a test phase'):\n    time.sleep(30)\n")
     t0 = time.monotonic()
     p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -557,7 +557,7 @@ def test_slurm_script_rehearsed_with_a_local_srun(tmp_path, reference):
 def test_readme_throughput_table_follows_from_the_published_mfu():
     """Each row's tokens/s per chip is the published MFU x the chip's peak / this trainer's FLOPs per token."""
     from llama_jax.config import get_preset
-    from train.scaling.flops import PEAK_FLOPS, mfu_flops_per_token
+    from llama_jax_train.scaling.flops import PEAK_FLOPS, mfu_flops_per_token
 
     peaks = {"H100": PEAK_FLOPS["h100"], "TPU v5p": PEAK_FLOPS["tpu-v5p"], "TPU v6e": PEAK_FLOPS["tpu-v6e"]}
     text = (REPO / "launch" / "README.md").read_text()
@@ -577,15 +577,15 @@ def test_ctrl_c_checkpoints_every_process_and_the_same_command_resumes(tmp_path)
     same command then resumes, and the run's losses equal an uninterrupted one-process run."""
     import signal
 
-    from train.config import load_config
-    from train.loop import train
+    from llama_jax_train.config import load_config
+    from llama_jax_train.loop import train
 
     steps = {"steps": 30}
     ref_dir = tmp_path / "ref"
     (tmp_path / "ref-cfg").mkdir()
     assert train(load_config(write_config(tmp_path / "ref-cfg", ref_dir, train=steps)), log=lambda t: None) == 0
     config = write_config(tmp_path, tmp_path / "run", train=steps)
-    cmd = [PY, "-m", "launch.local", "--config", str(config), "--processes", "2", "--no-compile"]
+    cmd = [PY, "-m", "llama_jax_launch.local", "--config", str(config), "--processes", "2", "--no-compile"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
@@ -608,8 +608,8 @@ def test_preflight_twice_in_one_job(tmp_path):
     config = write_config(tmp_path, tmp_path / "run")
     script = (
         "import sys\n"
-        "from train.config import load_config\n"
-        "from launch import preflight as pf\n"
+        "from llama_jax_train.config import load_config\n"
+        "from llama_jax_launch import preflight as pf\n"
         "cfg = load_config(sys.argv[1], ['distributed.initialize=always', 'distributed.coordinator_address=' + sys.argv[2],"
         " 'distributed.num_processes=2', 'distributed.process_id=' + sys.argv[3]])\n"
         "pf.connect(cfg.distributed, 60)\n"
@@ -630,7 +630,7 @@ def test_local_sh_and_launch_cli_reach_the_same_launcher():
     env = {**os.environ, "PYTHON": PY}
     sh = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--help"], env=env, capture_output=True, text=True,
                         timeout=60)
-    cli = subprocess.run([PY, "-m", "launch.cli", "local", "--help"], cwd=REPO, capture_output=True, text=True,
+    cli = subprocess.run([PY, "-m", "llama_jax_launch.cli", "local", "--help"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert sh.returncode == 0 and cli.returncode == 0, sh.stderr + cli.stderr
     for out in (sh.stdout, cli.stdout):
@@ -663,12 +663,12 @@ def test_preflight_coordinator_port_in_use(tmp_path):
 
 def test_trainer_connects_without_the_launch_package():
     """The trainer's `connect` lives in train/; launch/preflight.py imports it from there, not the reverse."""
-    code = ("import sys, train.cli, train.distributed\n"
-            "from launch import preflight\n"
-            "assert preflight.connect is train.distributed.connect\n"
-            "import importlib; del sys.modules['launch.preflight']; del sys.modules['launch']\n"
+    code = ("import sys, llama_jax_train.cli, llama_jax_train.distributed\n"
+            "from llama_jax_launch import preflight\n"
+            "assert preflight.connect is llama_jax_train.distributed.connect\n"
+            "import importlib; del sys.modules['llama_jax_launch.preflight']; del sys.modules['launch']\n"
             "sys.modules['launch'] = None  # importing launch now fails\n"
-            "from train.cli import maybe_initialize_distributed\n"
+            "from llama_jax_train.cli import maybe_initialize_distributed\n"
             "class D: initialize = 'never'; initialization_timeout = 5.0\n"
             "print('seconds', maybe_initialize_distributed(D()))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

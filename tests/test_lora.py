@@ -16,7 +16,7 @@ from llama_jax import PRESETS, Llama
 from llama_jax import lora as lora_lib
 from llama_jax.config import ConfigError
 from train_helpers import fast_compile
-from train.metrics import read_metrics
+from llama_jax_train.metrics import read_metrics
 
 TOKENS = jnp.array([[1, 5, 9, 3, 7, 2, 11, 4], [1, 8, 8, 2, 6, 30, 1, 0]])
 
@@ -99,7 +99,7 @@ BASE = {
 
 
 def _cfg(run_dir, devices=None, **sections):
-    from train.config import from_dict
+    from llama_jax_train.config import from_dict
 
     d = json.loads(json.dumps(BASE))
     for name, values in sections.items():
@@ -112,7 +112,7 @@ def _cfg(run_dir, devices=None, **sections):
 
 
 def _run(cfg, devices=None):
-    from train import loop
+    from llama_jax_train import loop
 
     s = loop.setup(cfg, devices)
     assert loop.train(cfg, prepared=s, log=lambda _: None) == 0
@@ -120,7 +120,7 @@ def _run(cfg, devices=None):
 
 
 def test_lora_step0_equals_full_model_and_base_stays_frozen(tmp_path):
-    from train import loop
+    from llama_jax_train import loop
 
     one = [jax.devices()[0]]
     full, _ = _run(_cfg(tmp_path / "full", train={"steps": 1}, lora=None), one)
@@ -143,7 +143,7 @@ def test_lora_step0_equals_full_model_and_base_stays_frozen(tmp_path):
 
 
 def _synthetic(cfg):
-    from train import data as data_lib
+    from llama_jax_train import data as data_lib
 
     return data_lib.make_iterator(cfg.data, global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed,
                                   vocab_size=cfg.model.vocab_size, split="train", process_index=0, process_count=1)

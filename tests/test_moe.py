@@ -430,7 +430,7 @@ def test_moe_conversion_streams_within_twice_the_largest_tensor(tmp_path, monkey
 
 def test_flop_accounting_counts_active_parameters():
     """The trainer's MFU numerator and the scaling toolkit's N (C = 6·N·D) use the active count."""
-    from train.scaling.flops import mfu_flops_per_token, param_counts
+    from llama_jax_train.scaling.flops import mfu_flops_per_token, param_counts
     for name in MOE_PRESETS:
         total, active = MOE_FAMILY_PARAM_COUNTS[name]
         pc = param_counts(PRESETS[name])

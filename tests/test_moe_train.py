@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from train import data as data_lib
-from train import loop
-from train import sharding as sh
-from train.config import from_dict, load_config
+from llama_jax_train import data as data_lib
+from llama_jax_train import loop
+from llama_jax_train import sharding as sh
+from llama_jax_train.config import from_dict, load_config
 from train_helpers import fast_compile
 
 # Eight heads/kv heads and eight experts: every 8-way split divides the model.
@@ -100,7 +100,7 @@ def test_two_processes_with_an_expert_axis_match_one(tmp_path, tmp_path_factory)
     import yaml
     from test_train_multihost import CONFIG, REPO, _cmd, _env, _free_port
 
-    from train.metrics import read_metrics
+    from llama_jax_train.metrics import read_metrics
     cache = tmp_path_factory.getbasetemp() / "train-jax-cache"
     config = tmp_path / "run.yaml"
     model = {"preset": "tiny", "n_experts": 4, "experts_per_token": 2, "router_aux_loss_coef": 0.02}

@@ -106,7 +106,7 @@ def test_a_lora_run_converts_to_peft_and_merged_hf(base, tmp_path):
     cli("convert", str(run_dir), str(tmp_path / "adapter"), "--to", "peft")
     cli("convert", str(run_dir), str(tmp_path / "merged"), "--to", "hf", "--merge-lora")
     # Ours: the run's factors on its base.
-    from train.adapters import read_lora_run
+    from llama_jax_train.adapters import read_lora_run
 
     run, model, factors, step = read_lora_run(run_dir)
     assert step == 3

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from llama_jax.cli import main as cli_main
-from train.scaling import fit as F
-from train.scaling import flops, ladder, sweep
+from llama_jax_train.scaling import fit as F
+from llama_jax_train.scaling import flops, ladder, sweep
 
 LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000)
 LLAMA3_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
@@ -392,7 +392,7 @@ def test_planner_skips_runs_too_short_and_rejects_bad_input(tmp_path):
 
 FAKE_TRAINER = textwrap.dedent("""
     import json, sys, pathlib, yaml
-    from train.scaling.flops import param_count
+    from llama_jax_train.scaling.flops import param_count
     cfg = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
     rd = pathlib.Path(cfg["run_dir"]); rd.mkdir(parents=True, exist_ok=True)
     n = param_count(cfg["model"])

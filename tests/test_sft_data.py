@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipeline.instruct import alpaca_prompt
-from data_pipeline.loader import make_loader
-from data_pipeline.prepare import prepare
+from llama_jax_data.instruct import alpaca_prompt
+from llama_jax_data.loader import make_loader
+from llama_jax_data.prepare import prepare
 from llama_jax.chat import encode_dialog
 from llama_jax.tokenizer import load_tokenizer
 
@@ -41,7 +41,7 @@ def test_self_instruct_examples_and_masks(llama3_sft, shared_data):
     lengths = np.concatenate([np.load(out / s["lengths"]) for s in manifest["shards"]])
     masks = np.concatenate([np.load(out / s["masks"]) for s in manifest["shards"]])
     assert masks.shape == (lengths.sum(),) and masks.dtype == np.uint8
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
 
     data = PreparedData(out)
     docs, doc_masks = data.read(range(data.num_documents)), data.read_masks(range(data.num_documents))
@@ -57,7 +57,7 @@ def test_self_instruct_examples_and_masks(llama3_sft, shared_data):
 
 def test_packing_keeps_masks_aligned(llama3_sft):
     out, _, _ = llama3_sft
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
 
     data = PreparedData(out)
     loader = make_loader(str(out), seq_len=256, global_batch_size=4, seed=3, eval_fraction=0.0, num_threads=0)
@@ -94,7 +94,7 @@ def test_messages_format_llama2(shared_data, tmp_path):
     out = tmp_path / "out"
     manifest = prepare([src], out, tok_path, record_format="messages", workers=1, **QUIET)
     assert manifest["documents"] == 2 and manifest["skipped"]["empty"] == 1 and manifest["skipped"]["invalid_json"] == 1
-    from data_pipeline.loader import PreparedData
+    from llama_jax_data.loader import PreparedData
 
     data = PreparedData(out)
     for d, ids, mask in zip(dialogs, data.read([0, 1]), data.read_masks([0, 1])):
@@ -118,7 +118,7 @@ def test_masked_tokens_contribute_no_gradient():
     a masked position sees only through its own target) leaves the loss and every gradient unchanged."""
     from llama_jax.config import PRESETS
     from llama_jax.model import Llama
-    from train.step import loss_sums, loss_weights
+    from llama_jax_train.step import loss_sums, loss_weights
 
     cfg = PRESETS["tiny"]
     params = Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from train import topology
-from train.config import load_config
+from llama_jax_train import topology
+from llama_jax_train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -55,7 +55,7 @@ def test_without_libtpu_says_what_to_install(monkeypatch):
 def test_hlo_flops_count_every_loop_iteration():
     """A scan of L matmuls compiled for v5p-8: the FLOPs read from the program equal the arithmetic count
     (XLA's own cost analysis counts the loop body once)."""
-    from train.hlo_stats import parse
+    from llama_jax_train.hlo_stats import parse
 
     devices = topology.slice_devices(topology.parse_slice("v5p-8"))
     mesh = jax.make_mesh((4,), ("x",), devices=devices, axis_types=(AxisType.Auto,))
@@ -80,7 +80,7 @@ def _tiny(*overrides):
 def test_train_dry_run_compiles_for_v5p_8():
     """`llama-jax train --dry-run --topology v5p-8` on the debug config: the report names the slice, per-chip
     memory against 95 GiB, FLOPs beside the analytic count, a labelled estimate, and the splash kernel."""
-    from train import cli
+    from llama_jax_train import cli
 
     out = io.StringIO()
     parser = __import__("argparse").ArgumentParser()
@@ -98,7 +98,7 @@ def test_train_dry_run_compiles_for_v5p_8():
 
 
 def test_topology_needs_dry_run(capsys):
-    from train import cli
+    from llama_jax_train import cli
 
     parser = __import__("argparse").ArgumentParser()
     cli.add_arguments(parser)
@@ -112,7 +112,7 @@ def test_preflight_topology_memory_check_and_two_slices(capsys, monkeypatch):
     data-center network: the mesh gets a `dcn` axis of 2, the batch is split over it, and each of the two
     hosts loads its own contiguous half of the batch — as many rows per process as one host would load of
     a run of half the size (the global batch does not depend on the process count)."""
-    from launch.preflight import topology_memory_check
+    from llama_jax_launch.preflight import topology_memory_check
 
     compiles = []
     real = topology.compile_for_slice

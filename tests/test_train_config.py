@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from llama_jax.config import ConfigError
-from train.config import from_dict, load_config, parse_override
-from train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from llama_jax_train.config import from_dict, load_config, parse_override
+from llama_jax_train.optim import decay_mask, learning_rate_schedule, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 MIN = {"model": {"preset": "tiny"}, "data": {"synthetic": True}, "run_dir": "r"}

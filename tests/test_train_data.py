@@ -1,4 +1,4 @@
-"""The trainer on real prepared data (`llama-jax prepare` output read by `data_pipeline.loader`): exact resume
+"""The trainer on real prepared data (`llama-jax prepare` output read by `llama_jax_data.loader`): exact resume
 of the data stream, bits per byte, vocabulary checks, `llama-jax eval --data`, and the shipped configs
 that mirror code (the quickstart run, the LLaMA 1 mixture)."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from llama_jax.cli import main as cli_main
-from train.metrics import read_metrics
+from llama_jax_train.metrics import read_metrics
 from train_helpers import fast_compile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +26,8 @@ def _fast_compile(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """~400 KB of the Python standard library, a 512-piece tokenizer trained on it."""
-    from data_pipeline.prepare import prepare
-    from data_pipeline.sources import default_corpus
+    from llama_jax_data.prepare import prepare
+    from llama_jax_data.sources import default_corpus
 
     out = tmp_path_factory.mktemp("prepared")
     files = [str(f) for f in default_corpus(max_bytes=400_000)]
@@ -77,7 +77,7 @@ def test_eval_cli_on_other_data_and_vocab_check(tmp_path, prepared, capsys):
     assert result["step"] == 2 and result["eval_tokens"] > 0 and "eval_bits_per_byte" in result
     # The same weights exported to Hugging Face's format evaluate to the same loss (and eval reads them).
     from llama_jax import convert
-    from train.checkpoint import open_checkpoint
+    from llama_jax_train.checkpoint import open_checkpoint
 
     ck, step, cfg = open_checkpoint(tmp_path / "small")
     _, params = convert.load(str(tmp_path / "small"))
@@ -95,8 +95,8 @@ def test_eval_cli_on_other_data_and_vocab_check(tmp_path, prepared, capsys):
 def test_dedicated_eval_directory_is_evaluated_whole(prepared):
     """data.eval_path is held-out data as a whole: data.eval_fraction (or the loader's default) holds none of it
     back, and one pass of the eval stream covers every one of its documents."""
-    from train.config import DataConfig
-    from train.data import make_iterator
+    from llama_jax_train.config import DataConfig
+    from llama_jax_train.data import make_iterator
 
     manifest = json.loads((prepared / "manifest.json").read_text())
     data = DataConfig(path=str(prepared), eval_path=str(prepared), seq_len=32, eval_fraction=0.05)
@@ -119,7 +119,7 @@ def test_dedicated_eval_directory_is_evaluated_whole(prepared):
 
 
 def test_quickstart_config_file_matches_the_command():
-    from train.quickstart import QUICKSTART
+    from llama_jax_train.quickstart import QUICKSTART
 
     shipped = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     for section, values in QUICKSTART.items():
@@ -129,7 +129,7 @@ def test_quickstart_config_file_matches_the_command():
 
 
 def test_llama1_mixture_config_matches_the_paper_table():
-    from data_pipeline.loader import LLAMA1_MIXTURE
+    from llama_jax_data.loader import LLAMA1_MIXTURE
 
     shipped = yaml.safe_load((REPO / "configs" / "llama1-mixture.yaml").read_text())["data"]["path"]
     assert {Path(k).name: v for k, v in shipped.items()} == LLAMA1_MIXTURE

@@ -19,7 +19,7 @@ import yaml
 
 from llama_jax.cli import main as cli_main
 from train_helpers import fast_compile, subprocess_env
-from train.metrics import read_metrics
+from llama_jax_train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,8 +195,8 @@ def test_dry_run_prints_memory_flops_and_shardings(tmp_path, capsys):
 
 
 def test_preflight_flag_checks_then_trains_with_its_compiled_step(tmp_path, capsys, monkeypatch):
-    from train import loop
-    from train.config import load_config
+    from llama_jax_train import loop
+    from llama_jax_train.config import load_config
 
     config = write_config(tmp_path, tmp_path / "pf", train={"steps": 2})
     cfg = load_config(config)
@@ -294,7 +294,7 @@ def test_profile_writes_a_trace_of_the_chosen_steps(tmp_path, capsys):
 
 def test_profile_setting_is_checked():
     from llama_jax.config import ConfigError
-    from train.config import load_config
+    from llama_jax_train.config import load_config
 
     with pytest.raises(ConfigError, match=r"logging.profile must be \{start_step: S, steps: K\}"):
         load_config(None, ["model.preset=tiny", "run_dir=/tmp/x", "data.synthetic=true", "logging.profile={start: 2}"])

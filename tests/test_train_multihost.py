@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.metrics import read_metrics
+from llama_jax_train.metrics import read_metrics
 from train_helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,12 +10,12 @@ import optax
 import pytest
 
 from llama_jax.model import Llama, output_kernel
-from train import data as data_lib
-from train import loop
-from train import sharding as sh
-from train.config import from_dict
+from llama_jax_train import data as data_lib
+from llama_jax_train import loop
+from llama_jax_train import sharding as sh
+from llama_jax_train.config import from_dict
 from train_helpers import fast_compile
-from train.step import chunked_cross_entropy, loss_weights
+from llama_jax_train.step import chunked_cross_entropy, loss_weights
 
 
 

@@ -27,8 +27,8 @@ def read_lora_run(path: str | Path) -> tuple[Any, LlamaConfig, dict, int]:
 
     from llama_jax.lora import init_factors
     from llama_jax.model import param_shapes
-    from train import checkpoint as ckpt_lib
-    from train.config import from_dict
+    from llama_jax_train import checkpoint as ckpt_lib
+    from llama_jax_train.config import from_dict
 
     try:
         ck, step, model = ckpt_lib.open_checkpoint(path)
@@ -54,7 +54,7 @@ def base_params(run: Any, model: LlamaConfig, base: str | None = None) -> Any:
 
     from llama_jax import convert
     from llama_jax.model import Llama, stack_layers, unstack_layers
-    from train.step import lora_base
+    from llama_jax_train.step import lora_base
 
     source = base or run.train.init_from
     if source is None:

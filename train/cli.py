@@ -37,25 +37,25 @@ def maybe_initialize_distributed(dist) -> float:
     `distributed.initialization_timeout` seconds for every process to arrive. A process that cannot connect
     prints one line (who waited for what, and what to check) and exits 1, instead of hanging and then
     aborting with a stack trace. Returns the seconds it took (0 when single-process)."""
-    from train.distributed import connect
+    from llama_jax_train.distributed import connect
 
     return connect(dist, dist.initialization_timeout, label="llama-jax train")
 
 
 def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = None, num_slices: int | None = None) -> int:
-    """Train (or dry-run) `cfg` in this process, from `prepared` (a `train.loop.Setup`) when given; a known
+    """Train (or dry-run) `cfg` in this process, from `prepared` (a `llama_jax_train.loop.Setup`) when given; a known
     failure is one line on stderr and exit status 2. `topology`: dry-run for that TPU slice instead of the
-    devices here (`train.topology`)."""
+    devices here (`llama_jax_train.topology`)."""
     from llama_jax.config import ConfigError
-    from train import loop
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
-    from train.sharding import ShardingError
-    from train.topology import TopologyError
+    from llama_jax_train import loop
+    from llama_jax_train.checkpoint import CheckpointError
+    from llama_jax_train.data import DataError
+    from llama_jax_train.sharding import ShardingError
+    from llama_jax_train.topology import TopologyError
 
     try:
         if topology is not None:
-            from train import topology as topo
+            from llama_jax_train import topology as topo
 
             return topo.dry_run(cfg, topology, num_slices)
         if dry_run:
@@ -68,7 +68,7 @@ def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = Non
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
-    from train.config import load_config
+    from llama_jax_train.config import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     connect_seconds = maybe_initialize_distributed(cfg.distributed)
     prepared = None
     if args.preflight:
-        from launch.preflight import Options, run_checks
+        from llama_jax_launch.preflight import Options, run_checks
 
         report = run_checks(cfg, Options(timeout=cfg.distributed.initialization_timeout),
                             connect_seconds=connect_seconds, started=started)

@@ -1,4 +1,4 @@
-"""Batches for the trainer: the prepared-data loader (`data_pipeline.loader`) or a synthetic stream.
+"""Batches for the trainer: the prepared-data loader (`llama_jax_data.loader`) or a synthetic stream.
 
 Both give iterators with the same contract: `next()` returns this process's rows of the global batch as
 numpy arrays (`inputs`, `targets`, `segment_ids`, `positions`, `loss_mask`, each (b, seq_len) with
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from train.config import DataConfig
+from llama_jax_train.config import DataConfig
 
 
 class DataError(ValueError):
@@ -80,7 +80,7 @@ class SyntheticLoader:
 def _dirs(path: Any) -> list[str]:
     """The data directories behind `path`: a directory, a list, a {dir: weight} mapping or a mixture file."""
     if isinstance(path, str) and Path(path).suffix in (".json", ".yaml", ".yml") and Path(path).is_file():
-        from data_pipeline.loader import parse_mixture
+        from llama_jax_data.loader import parse_mixture
 
         try:
             return [d for d, _ in parse_mixture(path)]
@@ -118,9 +118,9 @@ def make_iterator(data: DataConfig, *, global_batch_size: int, seed: int, vocab_
     key = "eval_path" if split == "eval" and data.eval_path is not None else "path"
     check_data(data, key)
     try:
-        from data_pipeline.loader import make_loader
+        from llama_jax_data.loader import make_loader
     except ImportError as e:  # pragma: no cover - only while the data pipeline is incomplete
-        raise DataError(f"the prepared-data loader (data_pipeline.loader) is not available: {e}") from None
+        raise DataError(f"the prepared-data loader (llama_jax_data.loader) is not available: {e}") from None
     path = getattr(data, key)
     kwargs: dict[str, Any] = {}
     if data.eval_fraction is not None:

@@ -32,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
-    from train import checkpoint as ckpt_lib
-    from train.data import DataError
-    from train.loop import TrainingError
-    from train.sharding import ShardingError
+    from llama_jax_train import checkpoint as ckpt_lib
+    from llama_jax_train.data import DataError
+    from llama_jax_train.loop import TrainingError
+    from llama_jax_train.sharding import ShardingError
 
     try:
         return _run(args)
@@ -48,9 +48,9 @@ def _run(args: argparse.Namespace) -> int:
     import yaml
 
     from llama_jax.config import ConfigError
-    from train import checkpoint as ckpt_lib
-    from train.config import from_dict
-    from train.loop import evaluate, load_weights, setup
+    from llama_jax_train import checkpoint as ckpt_lib
+    from llama_jax_train.config import from_dict
+    from llama_jax_train.loop import evaluate, load_weights, setup
 
     path = Path(args.checkpoint)
     if not path.exists():

@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import checkpoint as ckpt_lib
-from train import data as data_lib
-from train import sharding as sh
+from llama_jax_train import checkpoint as ckpt_lib
+from llama_jax_train import data as data_lib
+from llama_jax_train import sharding as sh
 from llama_jax.config import LlamaConfig
-from train.config import RunConfig
-from train.metrics import MetricsLogger, Throughput, flops_per_token, peak_source, total_peak_flops
-from train.optim import learning_rate_schedule, make_optimizer
-from train.step import BATCH_KEYS, TrainState, init_state, make_eval_step, make_train_step
+from llama_jax_train.config import RunConfig
+from llama_jax_train.metrics import MetricsLogger, Throughput, flops_per_token, peak_source, total_peak_flops
+from llama_jax_train.optim import learning_rate_schedule, make_optimizer
+from llama_jax_train.step import BATCH_KEYS, TrainState, init_state, make_eval_step, make_train_step
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
@@ -163,7 +163,7 @@ def lora_base_weights(s: Setup) -> Any:
     from flax.linen import meta
 
     from llama_jax.model import Llama
-    from train.step import lora_base
+    from llama_jax_train.step import lora_base
 
     cfg, lo = s.cfg, s.cfg.lora
     if not cfg.train.init_from:
@@ -333,7 +333,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     local = next(train_iter) if start < t.steps else None
     data_state = train_iter.get_state()
     if primary:
-        from data_pipeline.prepare import _atomic_write_text
+        from llama_jax_data.prepare import _atomic_write_text
 
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -466,7 +466,7 @@ def compile_step(s: Setup, lowering_platforms: tuple[str, ...] | None = None) ->
     """The train step compiled ahead of time for the mesh, from abstract inputs (nothing allocated, no data
     read), and the seconds it took. `s.train_step` keeps the executable: training with `s` does not compile
     the step again. `lowering_platforms=("tpu",)` compiles for a mesh of TPU devices from another host
-    (`train.topology`)."""
+    (`llama_jax_train.topology`)."""
     abstract = jax.tree.map(lambda x, shd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd),
                             s.abstract_state, s.state_shardings)
     b, t = s.cfg.train.global_batch_size, s.cfg.data.seq_len

@@ -6,10 +6,10 @@ Each line of `run_dir/metrics.jsonl` is one JSON object. Train lines:
 Eval lines: {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"?, "eval_tokens"}.
 Only process 0 writes. On resume, lines past the restored step are dropped so the file reads as one run.
 
-MFU = tokens/s · FLOPs/token / (peak FLOP/s of all devices), FLOPs/token from `train.scaling.flops`
+MFU = tokens/s · FLOPs/token / (peak FLOP/s of all devices), FLOPs/token from `llama_jax_train.scaling.flops`
 (6·N_matmul + 12·L·H·Q·T, PaLM's convention; `mfu_causal` counts half the attention term). Peaks come
 from the device table there; on CPU the peak is measured (an fp32 matmul) once per machine and cached with the date
-(`train.scaling.flops.cpu_peak_flops`), and all the (virtual) CPU devices of a process share that one host.
+(`llama_jax_train.scaling.flops.cpu_peak_flops`), and all the (virtual) CPU devices of a process share that one host.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def flops_per_token(model_cfg: Any, seq_len: int, causal: bool = False) -> float:
-    from train.scaling.flops import mfu_flops_per_token
+    from llama_jax_train.scaling.flops import mfu_flops_per_token
 
     return mfu_flops_per_token(model_cfg, seq_len, causal=causal)
 
@@ -35,7 +35,7 @@ def total_peak_flops(override_per_device: float | None = None) -> float:
     """Peak FLOP/s of everything the run computes on (all processes)."""
     import jax
 
-    from train.scaling.flops import device_peak_flops
+    from llama_jax_train.scaling.flops import device_peak_flops
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
@@ -49,7 +49,7 @@ def peak_source(override_per_device: float | None = None) -> str:
     (or fresh) matmul measurement."""
     import jax
 
-    from train.scaling.flops import cpu_peak_flops
+    from llama_jax_train.scaling.flops import cpu_peak_flops
 
     if override_per_device:
         return "logging.peak_flops"

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.config import OptimConfig
+from llama_jax_train.config import OptimConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

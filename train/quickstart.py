@@ -55,8 +55,8 @@ def _say(text: str) -> None:
 
 
 def prepare_data(data_dir: Path) -> dict:
-    from data_pipeline.prepare import prepare, read_manifest
-    from data_pipeline.sources import default_corpus
+    from llama_jax_data.prepare import prepare, read_manifest
+    from llama_jax_data.sources import default_corpus
 
     if (data_dir / "manifest.json").is_file():
         _say(f"[1/3] data: reusing {data_dir}")
@@ -76,7 +76,7 @@ def sample(run_dir: Path, data_dir: Path, cfg, max_new_tokens: int) -> list[str]
 
     from llama_jax.generate import generate
     from llama_jax.tokenizer import load_tokenizer
-    from train.loop import load_weights, setup
+    from llama_jax_train.loop import load_weights, setup
 
     tok = load_tokenizer(data_dir / "tokenizer.model")
     s = setup(cfg)
@@ -89,7 +89,7 @@ def sample(run_dir: Path, data_dir: Path, cfg, max_new_tokens: int) -> list[str]
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
-    from train.config import from_dict
+    from llama_jax_train.config import from_dict
 
     t0 = time.perf_counter()
     work = Path(args.workdir).absolute()
@@ -110,8 +110,8 @@ def main(args: argparse.Namespace) -> int:
          f"({time.perf_counter() - t0:.0f}s)")
 
     from llama_jax.model import count_params
-    from train.loop import train
-    from train.metrics import read_metrics
+    from llama_jax_train.loop import train
+    from llama_jax_train.metrics import read_metrics
 
     t1 = time.perf_counter()
     _say(f"[2/3] train: {count_params(cfg.model) / 1e6:.1f}M-parameter LLaMA, {cfg.train.steps} steps of "

@@ -31,8 +31,8 @@ import optax
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, output_kernel
-from train.optim import global_norm
-from train.sharding import batch_axes, rules_for
+from llama_jax_train.optim import global_norm
+from llama_jax_train.sharding import batch_axes, rules_for
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -272,7 +272,7 @@ def lora_base(cfg: LlamaConfig, lora: Any, params: Any) -> Any:
 
 
 def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Array, lora: Any = None) -> TrainState:
-    """A fresh TrainState with boxed (logically partitioned) params — for `train.sharding.sharded_init`.
+    """A fresh TrainState with boxed (logically partitioned) params — for `llama_jax_train.sharding.sharded_init`.
     With `lora`, the base comes from `key` as it would without, and the factors from a key derived from it."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = Llama(cfg).init(key, tokens)["params"]

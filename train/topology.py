@@ -2,12 +2,12 @@
 
 `pip install libtpu` brings Google's TPU compiler. With it, `jax.experimental.topologies.get_topology_desc`
 describes a slice (e.g. `v5p:4x4x4`, 64 chips) as compile-only devices, and the trainer's jitted step —
-the same function, shardings and donation as the loop (`train.loop.setup`) — is lowered for platform
+the same function, shardings and donation as the loop (`llama_jax_train.loop.setup`) — is lowered for platform
 "tpu" and compiled for them. Nothing is allocated and no data is read. From the compiled program:
 
 - per-chip memory (`memory_analysis()`: arguments, outputs, temporaries, generated code) against the
   chip's HBM;
-- FLOPs, HBM bytes and collective bytes per step (`train.hlo_stats`, loop bodies × trip counts) beside the
+- FLOPs, HBM bytes and collective bytes per step (`llama_jax_train.hlo_stats`, loop bodies × trip counts) beside the
   model's analytic 6N + 12·L·H·Q·T;
 - a roofline ESTIMATE of step time and MFU from the chip constants below (each cited);
 - which attention kernel the program runs (splash attention shows up as a Mosaic custom call).
@@ -171,12 +171,12 @@ class SliceCompile:
 
     cfg: Any  # the RunConfig compiled (attention resolved for TPU; mesh.dcn = the slice count)
     slice: Slice
-    setup: Any  # train.loop.Setup over the compile-only devices
+    setup: Any  # llama_jax_train.loop.Setup over the compile-only devices
     compiled: Any
     seconds: float
-    memory: dict[str, int] | None  # train.loop.MEMORY_FIELDS -> bytes per chip
+    memory: dict[str, int] | None  # llama_jax_train.loop.MEMORY_FIELDS -> bytes per chip
     need_bytes: int | None  # arguments + outputs - aliases + temporaries
-    stats: Any  # train.hlo_stats.HloStats
+    stats: Any  # llama_jax_train.hlo_stats.HloStats
     attention: str  # what the program runs, e.g. "splash (Mosaic kernel in the program)"
 
     @property
@@ -205,8 +205,8 @@ def resolve_for_tpu(cfg: Any, sl: Slice) -> Any:
 
 def compile_for_slice(cfg: Any, sl: Slice) -> SliceCompile:
     """`cfg`'s train step compiled by libtpu for `sl` (see the module docstring)."""
-    from train import hlo_stats
-    from train.loop import compile_step, setup, step_memory
+    from llama_jax_train import hlo_stats
+    from llama_jax_train.loop import compile_step, setup, step_memory
 
     devices = slice_devices(sl)
     cfg = resolve_for_tpu(cfg, sl)
@@ -239,7 +239,7 @@ def _dcn_bytes_estimate(c: SliceCompile) -> float:
 
 def report_lines(c: SliceCompile) -> list[str]:
     """The human report of a slice compile: memory, FLOPs, roofline estimate, attention."""
-    from train.metrics import flops_per_token
+    from llama_jax_train.metrics import flops_per_token
 
     cfg, sl, chip = c.cfg, c.slice, c.slice.chip
     lines = [f"compiled for {sl.describe()} with libtpu in {c.seconds:.1f}s; mesh {dict(c.setup.mesh.shape)}; "

@@ -75,7 +75,7 @@ def _lora(args: argparse.Namespace):
         return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
     if not Path(args.src).exists():
         raise ConvertError(f"{args.src}: no such file or directory.")
-    from train.adapters import export
+    from llama_jax_train.adapters import export
 
     return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
                   num_shards=args.num_shards)

@@ -161,7 +161,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _ladder(args) -> int:
-    from train.scaling import ladder
+    from llama_jax_train.scaling import ladder
 
     cfgs = ladder.ladder(args.min, args.max, args.n, which=args.count, vocab_size=args.vocab_size,
                          max_seq_len=args.seq_len)
@@ -173,8 +173,8 @@ def _ladder(args) -> int:
 
 
 def _plan(args) -> int:
-    from train.scaling import sweep
-    from train.scaling.flops import measure_cpu_peak_flops, mfu_flops_per_token
+    from llama_jax_train.scaling import sweep
+    from llama_jax_train.scaling.flops import measure_cpu_peak_flops, mfu_flops_per_token
 
     m = sweep.plan_sweep(args.budgets, args.sizes, args.data, args.out, seq_len=args.seq_len,
                          batch_size=args.batch_size, vocab_size=args.vocab_size, count=args.count, lr=args.lr,
@@ -201,7 +201,7 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from train.scaling import sweep
+    from llama_jax_train.scaling import sweep
 
     status = sweep.run_plan(args.plan, trainer=args.trainer, only=args.only, force=args.force, dry_run=args.dry_run)
     failed = [n for n, s in status.items() if s.startswith("failed")]
@@ -212,7 +212,7 @@ def _run(args) -> int:
 
 
 def _collect(args) -> int:
-    from train.scaling import sweep
+    from llama_jax_train.scaling import sweep
 
     out = args.csv or str(Path(args.plan) / "runs.csv")
     rows, problems = sweep.collect(args.plan, out, last_k=args.last_k, allow_incomplete=args.allow_incomplete)
@@ -246,7 +246,7 @@ def _print_fit(report: dict) -> None:
 
 
 def _fit(args) -> int:
-    from train.scaling import fit as F
+    from llama_jax_train.scaling import fit as F
 
     runs = F.read_runs_csv(args.csv)
     budgets = args.budgets or F.default_budgets(runs)
@@ -272,7 +272,7 @@ def _fit(args) -> int:
         _write_json(args.json, report)
         print(f"fit → {args.json}")
     if args.plots:
-        from train.scaling import plots
+        from llama_jax_train.scaling import plots
 
         if iso is None:
             try:
@@ -285,7 +285,7 @@ def _fit(args) -> int:
 
 
 def _optimal(args) -> int:
-    from train.scaling import fit as F
+    from llama_jax_train.scaling import fit as F
 
     if not args.budgets and not args.params:
         raise F.ScalingInputError("give --budgets (FLOPs) and/or --params (model sizes).")
@@ -315,8 +315,8 @@ def _optimal(args) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from train.scaling.fit import ScalingInputError
-    from train.scaling.sweep import SweepError
+    from llama_jax_train.scaling.fit import ScalingInputError
+    from llama_jax_train.scaling.sweep import SweepError
 
     action = {"ladder": _ladder, "plan": _plan, "run": _run, "collect": _collect, "fit": _fit,
               "optimal": _optimal}[args.action]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from train.scaling.flops import meta_ffn_hidden, param_counts
+from llama_jax_train.scaling.flops import meta_ffn_hidden, param_counts
 
 MIN_LAYERS = 2
 MAX_DIM = 8192

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from train.scaling.fit import IsoFlopFit, ParametricLaw, Runs, group_by_budget
+from llama_jax_train.scaling.fit import IsoFlopFit, ParametricLaw, Runs, group_by_budget
 
 
 def _figure(width: float = 6.4, height: float = 4.8) -> Figure:

@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from train.scaling import ladder as ladder_mod
-from train.scaling.flops import chinchilla_train_flops, param_counts, six_nd
+from llama_jax_train.scaling import ladder as ladder_mod
+from llama_jax_train.scaling.flops import chinchilla_train_flops, param_counts, six_nd
 
 DEFAULT_TRAINER = "llama-jax train --config {config}"
 CSV_COLUMNS = ("params", "tokens", "flops", "loss", "budget", "loss_source", "steps", "run")
