@@ -460,3 +460,15 @@ def test_llama_cpp_shared_file_logits_equal_ours(llama_cpp, shared_data):
     ours, theirs = b.our_logits(cfg, params, toks), b.llama_cpp_logits(b.open_llama_cpp(src, 64), toks)
     # llama.cpp multiplies F16 weights with activations rounded to f16 (ggml's vec-dot type for F16).
     assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max()), np.abs(ours - theirs).max()
+
+
+def test_mixture_of_experts_export_is_refused_and_writes_nothing(tmp_path):
+    """llama.cpp's `llama` architecture written here is dense; a MoE config is one sentence, no file."""
+    import flax.linen as nn
+
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden=64, n_experts=4,
+                      experts_per_token=2, max_seq_len=32)
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    with pytest.raises(ConvertError, match="dense `llama` architecture"):
+        save(cfg, params, tmp_path / "moe.gguf", format="gguf", gguf_type="f32")
+    assert list(tmp_path.iterdir()) == []

@@ -327,6 +327,12 @@ def write_gguf(src: Source, path: str | os.PathLike, *, gguf_type: str = "f16", 
     tokenizer), a Jinja template, or None."""
     if gguf_type not in GGUF_TYPES:
         raise ConvertError(f"unknown GGUF type {gguf_type!r}; expected one of {', '.join(GGUF_TYPES)}.")
+    from llama_jax.convert.meta import is_dense_llama
+
+    if not is_dense_llama(src.cfg):
+        raise ConvertError("GGUF export here writes llama.cpp's dense `llama` architecture (LLaMA 1–3, Code Llama); "
+                           "this config has experts, a sliding window, chunked or NoPE attention or QK norm. Save "
+                           "it as format 'hf' or 'orbax'.")
     out = _new_output(path)
     if gguf_type == "q4_k_m":
         return _write_k_quant(src, out, tokenizer=tokenizer, chat_template=chat_template, name=name)

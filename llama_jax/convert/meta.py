@@ -252,10 +252,15 @@ _DENSE_DEFAULTS = dict(n_experts=0, experts_per_token=1, moe_router="softmax", m
                        attention_chunk_size=None, nope_interval=None, qk_norm=False, attn_temperature_tuning=False)
 
 
+def is_dense_llama(cfg: LlamaConfig) -> bool:
+    """Whether `cfg` is a dense LLaMA 1–3 (no experts, window, chunks, NoPE layers or QK norm)."""
+    return cfg == cfg.replace(**_DENSE_DEFAULTS)
+
+
 def params_json(cfg: LlamaConfig) -> dict[str, Any]:
     """The params.json of `cfg`, with only the keys each official generation of Meta's code accepts
     (optional keys appear only when they differ from the default, as in Meta's own files)."""
-    if cfg != cfg.replace(**{k: v for k, v in _DENSE_DEFAULTS.items()}):
+    if not is_dense_llama(cfg):
         raise ConvertError("Meta's consolidated format (params.json) here holds dense LLaMA 1–3 models only; this "
                            "config has experts, a sliding window, chunked or NoPE attention or QK norm. Save it as "
                            "format 'hf' or 'orbax'.")
