@@ -666,8 +666,8 @@ def test_trainer_connects_without_the_launch_package():
     code = ("import sys, llama_jax_train.cli, llama_jax_train.distributed\n"
             "from llama_jax_launch import preflight\n"
             "assert preflight.connect is llama_jax_train.distributed.connect\n"
-            "import importlib; del sys.modules['llama_jax_launch.preflight']; del sys.modules['launch']\n"
-            "sys.modules['launch'] = None  # importing launch now fails\n"
+            "import importlib; del sys.modules['llama_jax_launch.preflight']; del sys.modules['llama_jax_launch']\n"
+            "sys.modules['llama_jax_launch'] = None  # importing the launch package now fails\n"
             "from llama_jax_train.cli import maybe_initialize_distributed\n"
             "class D: initialize = 'never'; initialization_timeout = 5.0\n"
             "print('seconds', maybe_initialize_distributed(D()))\n")

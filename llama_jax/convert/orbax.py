@@ -69,10 +69,9 @@ def _is_abandoned_read(unraisable) -> bool:
 
 class _DropTaskNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        # A collected coroutine ("Task ...") or a TensorStore read future ("Future ...") whose error nobody
-        # awaited: orbax stopped awaiting it when the restore failed.
-        return not str(record.msg).startswith(("Task exception was never retrieved",
-                                               "Future exception was never retrieved"))
+        # A collected coroutine ("Task ..."), a TensorStore read future ("Future ...") or orbax's gather of
+        # them ("_GatheringFuture ...") whose error nobody awaited: orbax stopped awaiting when the restore failed.
+        return not str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
 
 
 _QUIETED = False
