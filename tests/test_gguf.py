@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -353,13 +354,8 @@ def _hf_without_tokenizer(tmp_path: Path) -> Path:
     return tmp_path / "hf"
 
 
-def test_q4_k_m_without_llama_cpp_says_what_is_needed(tmp_path):
-    try:
-        import llama_cpp  # noqa: F401
-
-        pytest.skip("llama-cpp-python is installed here; test_llama_cpp_* cover q4_k_m")
-    except ImportError:
-        pass
+def test_q4_k_m_without_llama_cpp_says_what_is_needed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
     cfg = SMALL.replace(vocab_size=512)
     with pytest.raises(ConvertError, match="q4_k_m is made by llama.cpp's own K-quant quantizer"):
         save(cfg, random_params(cfg), tmp_path / "m.gguf", format="gguf", gguf_type="q4_k_m")

@@ -110,15 +110,9 @@ def rope_factors(cfg: LlamaConfig) -> np.ndarray | None:
 
 def _byte_unicode() -> dict[int, str]:
     """GPT-2's byte → printable character table (byte-level BPE token strings, as llama.cpp's gpt2 vocab)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    from llama_jax.convert.hf_tokenizer import byte_alphabet
+
+    return dict(enumerate(byte_alphabet()))
 
 
 def tiktoken_vocab(ranks: dict[bytes, int], specials: list[str]) -> tuple[list[str], list[str]]:

@@ -85,7 +85,7 @@ def _sentencepiece_json(tok) -> tuple[dict[str, Any], dict[str, str]]:
     return body, names
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """GPT-2's byte → printable character table that byte-level BPE vocabularies are written in: printable
     Latin-1 bytes stand for themselves, the other 68 are mapped to U+0100 onwards in byte order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -100,7 +100,7 @@ def _byte_alphabet() -> list[str]:
 
 
 def _tiktoken_json(tok) -> tuple[dict[str, Any], dict[str, str]]:
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     rank = {"".join(alphabet[b] for b in token): r for token, r in tok.ranks.items()}
     added = [_added(i, name) for name, i in tok.special_tokens.items()]
     id_to_special = {i: name for name, i in tok.special_tokens.items()}
