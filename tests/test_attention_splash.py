@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import Llama, LlamaConfig
 from llama_jax.attention import Mask, attention_mask, splash_attention, xla_attention

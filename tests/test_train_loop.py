@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import pytest
 import yaml
 

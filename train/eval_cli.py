@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         ck, step, model_cfg = ckpt_lib.open_checkpoint(path)
         run_dir = ckpt_lib.run_dir_of(path)
-    except ckpt_lib.CheckpointError as e:
+    except ckpt_lib.CheckpointError:
         if (path / "checkpoints").is_dir() or path.name.isdigit():
             raise  # it is a run/checkpoint directory, but a broken one
         model_cfg = None
