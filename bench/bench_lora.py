@@ -14,22 +14,18 @@ import time
 
 import numpy as np
 
-from llama_jax_bench.peer import add_model_arguments
+from llama_jax_bench.peer import add_output_arguments, add_step_arguments
 
 HELP = "LoRA vs full fine-tuning: step time and memory of the same model's train step"
 EXAMPLE = "llama-jax bench lora --rank 16 --rounds 5"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
+    add_step_arguments(p, what="one step of each")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="wq,wk,wv,wo,w1,w2,w3", help="comma-separated kernels to adapt")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: QLoRA's 4-bit base")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each per round)")
-    p.add_argument("--json", action="store_true", help="(the JSON line is always printed last; kept for scripts)")
-    p.add_argument("--save", action="store_true", help="append the result to bench/results/<device>.md")
+    add_output_arguments(p, peer=False)
 
 
 def _step(cfg, lora, tokens: np.ndarray):

@@ -1,8 +1,9 @@
 """Training-step throughput: our jitted `train_step` vs transformers' LlamaForCausalLM + torch AdamW.
 
 Both run the same architecture, batch and optimizer recipe (AdamW β 0.9/0.95, weight decay 0.1, global
-norm clipping 1.0) in fp32 on the same machine. The two steps alternate, one of each per round, so a
-neighbour's load or thermal drift hits both alike; we report the median of each and the ratio.
+norm clipping 1.0) in fp32 on the same machine, each in a worker process of its own (`peer.py` says
+why). The two steps alternate, one of each per round, so a neighbour's load or thermal drift hits both
+alike; we report the median of each and the ratio.
 
     llama-jax bench train --peer torch --json
     llama-jax bench train --experts 8 --top-k 2     # a Mixtral-style MoE vs transformers' MixtralForCausalLM
@@ -16,26 +17,23 @@ our MoE feed-forward (forward + backward, alone) against a dense SwiGLU with the
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from llama_jax_bench.peer import add_model_arguments, add_output_arguments, hf_model, peer_name
+from llama_jax_bench.peer import (add_output_arguments, add_step_arguments, alternate, hf_model, peer_config,
+                                  peer_name, workers)
 
 HELP = "training-step tokens/s and MFU, side by side with transformers + torch.optim.AdamW"
 EXAMPLE = "llama-jax bench train --peer torch --rounds 5"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
+    add_step_arguments(p, what="one step of each")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
     p.add_argument("--attention", default=None, help="attention implementation (default: the config's default)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk, as in a run config")
     p.add_argument("--scan", action="store_true", help="scan over layers")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one step of each per round)")
     p.add_argument("--experts", type=int, default=0, help="routed experts per layer (0: the dense model)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
     add_output_arguments(p)
@@ -86,6 +84,25 @@ def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
     return run_step
 
 
+def ours_side(cfg, tokens: np.ndarray, loss_chunk: int):
+    """The JAX worker's calls: "step" (and, for a MoE config, "moe" and "dense": `moe_and_dense`), and the
+    MFU's peak, measured (and cached) here before anything is timed."""
+    import jax
+
+    from llama_jax_train.metrics import peak_source
+    from llama_jax_train.scaling.flops import device_peak_flops
+
+    calls = {"step": ours(cfg, tokens, loss_chunk)}
+    if cfg.n_experts:
+        calls["moe"], calls["dense"] = moe_and_dense(cfg, tokens.shape[0] * (tokens.shape[1] - 1))
+    return calls, {"peak_flops": device_peak_flops(), "peak_source": peak_source(), "jax": jax.__version__}
+
+
+def peer_side(cfg, tokens: np.ndarray):
+    """The PyTorch worker's call "step" (`cfg`: `peer.peer_config`) and the peer's name."""
+    return {"step": peer(cfg, tokens)}, {"peer": peer_name()}
+
+
 def peer(cfg, tokens: np.ndarray):
     """The same step in PyTorch: transformers' LlamaForCausalLM (SDPA attention) + torch.optim.AdamW
     (MixtralForCausalLM for a MoE config)."""
@@ -129,9 +146,9 @@ def mixtral_model(cfg):
     return transformers.MixtralForCausalLM(hf).train()
 
 
-def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> tuple[float, float]:
-    """Median seconds of forward + backward of one MoE feed-forward on `tokens_per_batch` tokens, and of a
-    dense SwiGLU of width experts_per_token × ffn (the same active parameters, router aside), alternating."""
+def moe_and_dense(cfg, tokens_per_batch: int):
+    """Forward + backward of one MoE feed-forward on `tokens_per_batch` tokens, and of a dense SwiGLU of
+    width experts_per_token × ffn (the same active parameters, router aside): two zero-argument callables."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -142,49 +159,34 @@ def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> tuple[float, float]
     valid = jnp.ones((1, tokens_per_batch), bool)
     layers = {"moe": (MoEFeedForward(cfg), (x, valid)),
               "dense": (FeedForward(cfg, hidden=cfg.experts_per_token * cfg.ffn_hidden), (x,))}
-    fns = {}
-    for name, (mod, args) in layers.items():
+    fns = []
+    for mod, args in layers.values():
         params = nn.meta.unbox(mod.init(jax.random.key(1), *args))["params"]
         loss = lambda p, x, *rest, mod=mod: jnp.sum(mod.apply({"params": p}, x, *rest) ** 2)  # noqa: E731
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        fns[name] = (lambda g=grad, p=params, a=args: jax.block_until_ready(g(p, *a)))
-        fns[name]()  # compile
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(timed(fn))
-    return float(np.median(times["moe"])), float(np.median(times["dense"]))
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+        fns.append(lambda g=grad, p=params, a=args: jax.block_until_ready(g(p, *a)))
+    return tuple(fns)
 
 
 def main(a) -> int:
     from llama_jax_bench.report import emit
-    from llama_jax_train.metrics import peak_source
-    from llama_jax_train.scaling.flops import device_peak_flops, mfu_flops_per_token
+    from llama_jax_train.scaling.flops import mfu_flops_per_token
 
     cfg = model_config(a)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
-    runners = {"ours": ours(cfg, tokens, a.loss_chunk)}
-    if a.peer == "torch":
-        runners["peer"] = peer(cfg, tokens)
-    compile_s = timed(runners["ours"])  # first call compiles
-    if "peer" in runners:
-        runners["peer"]()  # warm-up (allocator, thread pool)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(a.rounds):
-        for name, fn in runners.items():
-            times[name].append(timed(fn))
+    with workers(ours=("llama_jax_bench.train_step:ours_side", {"cfg": cfg, "tokens": tokens,
+                                                                  "loss_chunk": a.loss_chunk}),
+                 peer=("llama_jax_bench.train_step:peer_side", {"cfg": peer_config(cfg), "tokens": tokens})
+                 if a.peer == "torch" else None) as w:
+        first, times = alternate([(w[k], "step") for k in w], a.rounds)  # the first call of ours compiles
+        if cfg.n_experts:
+            _, (moe, dense) = alternate([(w["ours"], "moe"), (w["ours"], "dense")], max(a.rounds, 5))
+        info = {k: v.info for k, v in w.items()}
+    compile_s = first[0]
     tok = a.batch * a.seq
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: float(np.median(v)) for k, v in zip(info, times)}
     tps = {k: tok / v for k, v in med.items()}
-    peak = device_peak_flops()
-    import jax
-
+    peak = info["ours"]["peak_flops"]
     n_dev = 1  # the step runs on one device (the CPU's cores are one device)
     mfu = tps["ours"] * mfu_flops_per_token(cfg, a.seq) / (peak * n_dev)
     mfu_causal = tps["ours"] * mfu_flops_per_token(cfg, a.seq, causal=True) / (peak * n_dev)
@@ -198,25 +200,26 @@ def main(a) -> int:
         "mfu": round(mfu, 4),
         "mfu_causal": round(mfu_causal, 4),
         "peak_flops": peak,
-        "peak_source": peak_source(),
+        "peak_source": info["ours"]["peak_source"],
         "loss_chunk": a.loss_chunk,
         "rounds": a.rounds,
-        "jax": jax.__version__,
+        "jax": info["ours"]["jax"],
+        "processes": {k: v["loaded"] for k, v in info.items()},
     }
     rows = [("config", f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads, ffn {cfg.ffn_hidden}, "
                        f"vocab {cfg.vocab_size}, seq {a.seq}, batch {a.batch}, {cfg.dtype}"),
             ("ours: tokens/s", f"{tps['ours']:.1f}  (step {med['ours']:.3f} s, compile {compile_s:.1f} s)"),
             ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s"),
-            ("peak", peak_source())]
+            ("peak", info["ours"]["peak_source"])]
     if cfg.n_experts:
-        t_moe, t_dense = moe_vs_dense(cfg, a.batch * a.seq, max(a.rounds, 5))
+        t_moe, t_dense = float(np.median(moe)), float(np.median(dense))
         record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token}
         record |= {"moe_ffn_s": round(t_moe, 6), "dense_same_active_ffn_s": round(t_dense, 6),
                    "moe_vs_dense": round(t_moe / t_dense, 3)}
         rows += [("MoE FFN vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU width "
                                       f"{cfg.experts_per_token * cfg.ffn_hidden}): {t_moe / t_dense:.2f}x")]
-    if "peer" in runners:
-        record |= {"peer": f"{peer_name()} AdamW" + (" (MixtralForCausalLM)" if cfg.n_experts else ""),
+    if "peer" in info:
+        record |= {"peer": f"{info['peer']['peer']} AdamW" + (" (MixtralForCausalLM)" if cfg.n_experts else ""),
                    "peer_tokens_per_s": round(tps["peer"], 1), "peer_step_s": round(med["peer"], 4),
                    "ratio": round(tps["ours"] / tps["peer"], 3)}
         rows += [("peer: tokens/s", f"{tps['peer']:.1f}  (step {med['peer']:.3f} s)"),

@@ -19,6 +19,19 @@ def test_bench_train_against_torch_reports_the_ratio(capsys):
     # the printed figures are rounded (tokens/s to 0.1, the ratio to 0.001): compare relatively
     assert abs(rec["ratio"] / (rec["tokens_per_s"] / rec["peer_tokens_per_s"]) - 1) < 2e-3
     assert 0 < rec["mfu"] and rec["config"]["seq"] == 32
+    assert rec["processes"] == TWO_PROCESSES
+
+
+TWO_PROCESSES = {"ours": ["jax"], "peer": ["torch"]}  # each side timed in a process without the other's framework
+
+
+def test_a_failing_benchmark_worker_says_so_with_its_traceback():
+    import pytest
+
+    from llama_jax_bench.peer import Worker
+
+    with pytest.raises(RuntimeError, match=r"the ours benchmark worker failed:[\s\S]*No module named 'llama_jax_bench.nope'"):
+        Worker("ours", "llama_jax_bench.nope:side")
 
 
 def test_bench_train_moe_against_mixtral_and_dense(capsys):
@@ -35,6 +48,7 @@ def test_bench_generate_reports_both_batch_sizes(capsys):
     for b in (1, 4):
         assert rec[f"batch{b}_tokens_per_s"] > 0 and rec[f"batch{b}_peer_tokens_per_s"] > 0
         assert rec[f"batch{b}_ratio"] > 0
+    assert rec["processes"] == TWO_PROCESSES
 
 
 def test_bench_data_measures_what_it_says_on_a_small_corpus(shared_data, tmp_path):
@@ -76,3 +90,4 @@ def test_bench_ops_times_each_part_and_agrees_with_transformers(capsys):
         if "max_abs_diff" in p:
             assert p["max_abs_diff"] < 1e-4, p
     assert sum("max_abs_diff" in p for p in parts.values()) >= 6
+    assert rec["processes"] == TWO_PROCESSES
