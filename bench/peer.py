@@ -23,7 +23,9 @@ import traceback
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-GAP_S = 0.2  # pause before each timed call: OpenMP and Eigen pools spin for a while after their last task
+# Pause before each timed call: OpenMP and Eigen pools spin for a while after their last task. A call
+# then starts with its pool asleep, which a part of a millisecond or two feels on a loaded machine.
+GAP_S = 0.2
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
