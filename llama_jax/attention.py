@@ -114,15 +114,20 @@ def blockwise_attention(q: Array, k: Array, v: Array, mask: Mask, block: int | N
     block = block or max(128, -(-t // 16))
     visible = mask.dense()  # (B, T, S)
     q = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)  # (B, K, T, G, H)
+    # Cut along T with split (whose gradient is a concatenate), not slices: a slice's gradient is its
+    # block padded with zeros to the full length, one padded copy of dq, dk and dv per block to write and add.
+    cuts = list(range(block, t, block))
+    q_blocks, k_blocks, v_blocks = (jnp.split(x, cuts, axis=2) for x in (q, k, v))
     outs = []
-    for start in range(0, t, block):
+    for i, start in enumerate(range(0, t, block)):
         end = min(t, start + block)  # this block's queries see keys [0, end)
-        rows = q[:, :, start:end].reshape(b, kv, (end - start) * g, h)  # (B, K, Q = block·G, H)
-        scores = jnp.einsum("BKQH,BKSH->BKQS", rows, k[:, :, :end], preferred_element_type=jnp.float32) * h**-0.5
+        rows = q_blocks[i].reshape(b, kv, (end - start) * g, h)  # (B, K, Q = block·G, H)
+        keys, values = (jnp.concatenate(x[:i + 1], axis=2) for x in (k_blocks, v_blocks))  # (B, K, end, H)
+        scores = jnp.einsum("BKQH,BKSH->BKQS", rows, keys, preferred_element_type=jnp.float32) * h**-0.5
         seen = jnp.repeat(visible[:, start:end, :end], g, axis=1)[:, None]  # (B, 1, Q, S), row t·G + j
         scores = jnp.where(seen, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("BKQS,BKSH->BKQH", probs, v[:, :, :end]).reshape(b, kv, end - start, g, h))
+        outs.append(jnp.einsum("BKQS,BKSH->BKQH", probs, values).reshape(b, kv, end - start, g, h))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
