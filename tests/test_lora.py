@@ -169,6 +169,40 @@ def test_lora_mesh_equals_single_device_and_reports_params(tmp_path):
     assert first["total_params"] == count_params(cfg) + n_layers * per_layer
 
 
+def test_qlora_nf4_base_is_sharded_by_the_rule_table_and_a_mesh_equals_one_device(tmp_path):
+    """QLoRA on a 2x2x2 mesh: every NF4 kernel's codes are split over fsdp/tensor exactly as the dense
+    kernel's logical axes are (the rule table), and the losses are the single device's."""
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax import nf4 as nf4_lib
+    from llama_jax_train.sharding import LOGICAL_AXIS_RULES
+
+    nf4 = {"quantize": "nf4", "base_dtype": "float32", "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+    model = {"scan_layers": True, "remat": "full"}
+    single, _ = _run(_cfg(tmp_path / "one", lora=nf4, model=model), [jax.devices()[0]])
+    sharded, s = _run(_cfg(tmp_path / "mesh", lora=nf4, model=model, mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+    assert dict(s.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    rules = dict(LOGICAL_AXIS_RULES)
+    kernels = {"attention": {"wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+                             "wv": ("embed", "kv_heads", "head_dim"), "wo": ("heads", "head_dim", "embed")},
+               "feed_forward": {"w1": ("embed", "mlp"), "w3": ("embed", "mlp"), "w2": ("mlp", "embed")}}
+    frozen = s.state_shardings.frozen["layers"]
+    checked = set()
+    for module, names in kernels.items():
+        for name, axes in names.items():
+            w = frozen[module][name]
+            assert w.codes.spec == P(None, *(rules[a] for a in axes)), (name, w.codes.spec)
+            # The block scales keep the leading axes that leave whole 64-blocks (wk: (64, 2, 16), none).
+            kept = nf4_lib.scale_lead(s.abstract_state.frozen["layers"][module][name].shape)
+            assert w.scale_codes.spec == P(None, *(rules[a] for a in axes[:kept]), None), (name, w.scale_codes.spec)
+            checked.add((name, kept))
+    assert {kept for _, kept in checked} == {0, 1, 2}  # wk/wv, wq/w1/w2/w3, wo
+    assert set(single) == set(range(1, 7))
+    for k in single:
+        assert sharded[k] == pytest.approx(single[k], rel=1e-5, abs=1e-6)
+    assert single[6] < single[1]
+
+
 def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(tmp_path):
     whole, _ = _run(_cfg(tmp_path / "whole", mesh={"data": 2, "fsdp": -1}))
     cut = tmp_path / "cut"
