@@ -1,5 +1,5 @@
 """The adapters of a LoRA training run, out: as a peft adapter, or merged into the base (`llama-jax convert
-RUN_OR_CHECKPOINT OUT --to peft | --to hf|meta|orbax --merge-lora`).
+RUN_OR_CHECKPOINT OUT --to peft | --to hf|meta|orbax|gguf --merge-lora`).
 
 A LoRA run's checkpoints hold the factors only; its `meta` item holds the run config, whose `lora` section
 gives rank, alpha and targets and whose `train.init_from` names the base. A run without `init_from` started
@@ -68,8 +68,11 @@ def base_params(run: Any, model: LlamaConfig, base: str | None = None) -> Any:
 
 
 def export(path: str | Path, out: str | Path, to: str, *, merge: bool, base: str | None = None,
-           dtype: Any = None, num_shards: int = 1) -> Path:
-    """Write the run's adapter (`to="peft"`) or base + adapter merged (`merge=True`, to meta/hf/orbax)."""
+           dtype: Any = None, num_shards: int = 1, gguf_type: str = "f16", tokenizer: str | None = None) -> Path:
+    """Write the run's adapter (`to="peft"`) or base + adapter merged (`merge=True`, to meta/hf/orbax/gguf).
+
+    GGUF (`gguf_type`) embeds a tokenizer: `tokenizer`, else the one `convert.find_tokenizer` finds for the
+    run (its data manifest) or beside the base; finding none is an error, as for any GGUF export."""
     from llama_jax import convert
     from llama_jax.convert.peft import save_adapter
     from llama_jax.lora import merge as merge_factors
@@ -82,6 +85,25 @@ def export(path: str | Path, out: str | Path, to: str, *, merge: bool, base: str
     if not merge:
         raise ConvertError(f"{path} is a LoRA run: its checkpoints hold adapters only; add --merge-lora to write "
                            f"base + adapter as one {to} checkpoint, or use --to peft for the adapter alone.")
+    if to == "gguf":
+        tokenizer = tokenizer or gguf_tokenizer(path, base or run.train.init_from)
     merged = merge_factors(base_params(run, model, base), factors, lo.scale)
     cfg = model.replace(param_dtype=jnp.dtype(jax.tree.leaves(merged)[0].dtype).name)
+    if to == "gguf":
+        return convert.save(cfg, merged, out, format="gguf", num_shards=num_shards, dtype=dtype, gguf_type=gguf_type,
+                            tokenizer=tokenizer)
     return convert.save(cfg, merged, out, format=to, num_shards=num_shards, dtype=dtype)
+
+
+def gguf_tokenizer(path: str | Path, base: str | None) -> Path:
+    """The tokenizer.model for a merged GGUF: the run's (beside it or from its data manifest), else beside
+    the base weights; a ConvertError that asks for --tokenizer when there is neither."""
+    from llama_jax.convert import find_tokenizer
+
+    for where in (path, base):
+        if where is not None and Path(where).is_dir():
+            found = find_tokenizer(where)
+            if found is not None:
+                return found
+    raise ConvertError(f"{path}: no tokenizer.model beside the run, in its data manifest or beside its base "
+                       f"weights; pass --tokenizer FILE (GGUF embeds the vocabulary).")
