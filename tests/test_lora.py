@@ -221,3 +221,45 @@ def test_lora_config_errors():
         _cfg("/tmp/x", lora={"rnak": 4})
     with pytest.raises(ConfigError, match="lora.quantize must be"):
         _cfg("/tmp/x", lora={"quantize": "int4"})
+
+
+def test_eval_and_generate_read_a_lora_run_directly(tmp_path, shared_data, capsys):
+    """`llama-jax eval RUN_DIR` of a LoRA run scores its base with its adapters: the held-out loss the run
+    logged at its last step. `llama-jax generate RUN_DIR` continues a prompt as greedy decoding by full
+    forward passes of the adapted model does."""
+    from llama_jax.cli import main
+    from llama_jax.tokenizer import load_tokenizer
+
+    tok_path = shared_data / "tokenizers" / "llama2" / "tokenizer.model"
+    cfg = _cfg(tmp_path / "run", model={"vocab_size": 32000, "scan_layers": True},
+               train={"steps": 4, "eval_every": 4, "eval_batches": 2}, optim={"lr": 5e-2, "warmup_steps": 0},
+               lora={"dropout": 0.0})
+    _run(cfg)  # fsdp over every device, as `llama-jax eval` lays it out by default
+    logged = [r["eval_loss"] for r in read_metrics(cfg.run_dir) if r.get("step") == 4 and "eval_loss" in r]
+    assert len(logged) == 1
+
+    capsys.readouterr()
+    assert main(["eval", str(cfg.run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4
+    assert result["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
+
+    prompt = "The capital of France is"
+    assert main(["generate", str(cfg.run_dir), "--tokenizer", str(tok_path), "--prompt", prompt,
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[0]
+    # The reference: the run's factors on its base (the seed's init: no init_from), argmax of full passes.
+    from llama_jax_train.adapters import adapted_model
+
+    model, params = adapted_model(cfg.run_dir)
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode(prompt, bos=True, eos=False)
+    new = []
+    for _ in range(6):
+        logits = Llama(model).apply({"params": params}, jnp.asarray([ids + new]))
+        new.append(int(jnp.argmax(logits[0, -1, : tok.vocab_size])))
+    assert printed == prompt + tok.decode(ids + new)[len(tok.decode(ids)):]
+    base = jax.tree.map(lambda w: w.base if isinstance(w, lora_lib.LoraWeight) else w, params,
+                        is_leaf=lambda w: isinstance(w, lora_lib.LoraWeight))
+    plain = Llama(model).apply({"params": base}, jnp.asarray([ids]))
+    assert float(jnp.abs(Llama(model).apply({"params": params}, jnp.asarray([ids])) - plain).max()) > 1e-3

@@ -67,6 +67,33 @@ def base_params(run: Any, model: LlamaConfig, base: str | None = None) -> Any:
     return lora_base(model, run.lora, params)
 
 
+def lora_run_dir(path: str | Path) -> Path | None:
+    """The LoRA training run that `path` (a run directory, its checkpoints/ or checkpoints/STEP) belongs to,
+    or None where `path` is anything else (converted weights, a full-training run)."""
+    import yaml
+
+    from llama_jax_train import checkpoint as ckpt_lib
+
+    if not Path(path).is_dir():
+        return None
+    try:
+        run_dir = ckpt_lib.run_dir_of(path)
+    except ckpt_lib.CheckpointError:
+        return None
+    if run_dir is None:
+        return None
+    return run_dir if (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("lora") else None
+
+
+def adapted_model(path: str | Path, base: str | None = None) -> tuple[LlamaConfig, Any]:
+    """A LoRA run's checkpoint as the model it trained: (model config, the frozen base — NF4 for QLoRA — with
+    the checkpoint's factors attached as `llama_jax.lora.LoraWeight`s, for `Llama.apply` and `generate`)."""
+    from llama_jax.lora import attach
+
+    run, model, factors, _ = read_lora_run(path)
+    return model, attach(base_params(run, model, base), factors, run.lora.scale)
+
+
 def export(path: str | Path, out: str | Path, to: str, *, merge: bool, base: str | None = None,
            dtype: Any = None, num_shards: int = 1, gguf_type: str = "f16", tokenizer: str | None = None) -> Path:
     """Write the run's adapter (`to="peft"`) or base + adapter merged (`merge=True`, to meta/hf/orbax/gguf).
