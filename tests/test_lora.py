@@ -263,3 +263,21 @@ def test_eval_and_generate_read_a_lora_run_directly(tmp_path, shared_data, capsy
                         is_leaf=lambda w: isinstance(w, lora_lib.LoraWeight))
     plain = Llama(model).apply({"params": base}, jnp.asarray([ids]))
     assert float(jnp.abs(Llama(model).apply({"params": params}, jnp.asarray([ids])) - plain).max()) > 1e-3
+
+
+@pytest.mark.slow  # compiles llama2-7b's step ahead of time: about a minute on 2 shared cores
+def test_qlora_llama2_7b_config_compiles_within_10_gib():
+    """The issue's memory target, as `--dry-run` reports it: XLA's memory analysis of the compiled QLoRA step
+    (configs/sft-qlora-llama2-7b.yaml: r=64, seq 2048, micro-batches of one sequence, full remat) on one
+    device, arguments + outputs - donated + temporaries, under 10 GiB."""
+    from llama_jax_train import loop
+    from pathlib import Path
+
+    from llama_jax_train.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sft-qlora-llama2-7b.yaml")
+    s = loop.setup(cfg, [jax.devices()[0]])
+    compiled, _ = loop.compile_step(s)
+    vals, need = loop.step_memory(compiled)
+    assert vals["argument_size_in_bytes"] < 4.6 * 2**30  # NF4 base (3.4 GiB) + bf16 factors and Adam moments
+    assert need <= 10 * 2**30, need / 2**30
