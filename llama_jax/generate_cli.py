@@ -21,7 +21,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="model weights in any format `llama_jax.convert.load` reads "
-                                           "(orbax, Meta consolidated.*.pth, Hugging Face safetensors)")
+                                           "(orbax, Meta consolidated.*.pth, Hugging Face safetensors), or a "
+                                           "LoRA training run (its base with the run's adapters)")
     parser.add_argument("--tokenizer", metavar="TOKENIZER_FILE",
                         help="tokenizer.model (SentencePiece for LLaMA 1/2, tiktoken format for Llama 3); default: "
                              "tokenizer.model beside the checkpoint, or for a training run the tokenizer its data "
@@ -55,6 +56,16 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+def _lora_run(ckpt: Path):
+    """A LoRA training run (or one of its checkpoints) as (config, base with the adapters attached); None for
+    any other weights. Its checkpoints hold the adapters only; the base comes from the run's train.init_from."""
+    try:
+        from llama_jax_train.adapters import adapted_model, lora_run_dir
+    except ImportError:  # the library without the trainer: no training runs to read
+        return None
+    return adapted_model(ckpt) if lora_run_dir(ckpt) is not None else None
+
+
 def _run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
@@ -78,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     from llama_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
-    cfg, params = load(str(ckpt))
+    cfg, params = _lora_run(ckpt) or load(str(ckpt))
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model in {ckpt} has a "
                          f"vocabulary of {cfg.vocab_size}; they do not belong together.")

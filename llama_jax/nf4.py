@@ -14,6 +14,15 @@ the float32 reciprocal of the block scale, clamped to [-1, 1], bucketed by the m
 `NF4Weight` is a weight object for `llama_jax.model.linear`: it dequantizes itself inside the matmul,
 so under `nn.scan` only the current layer's kernel exists in full precision (and under remat it is
 dequantized again in the backward pass instead of being kept).
+
+Shapes: the bytes are bitsandbytes' (row-major, 64-weight blocks), but the arrays keep the kernel's
+axes so that they can be sharded like the kernel: the codes are the kernel's shape with its last axis
+halved (two neighbours per byte), the 8-bit block scales have the kernel's leading axes and one axis of
+blocks for the rest (as many leading axes as leave a multiple of 64 weights behind: wq (D, N, H) with
+H = 128 gives (D, N, 2)). `codes.reshape(-1)` is exactly bitsandbytes' packed tensor. `train/step.py`
+gives them the kernel's logical axes, so the rule table splits an NF4 kernel over FSDP/tensor as it
+splits the dense one (the block-scale axis and the per-256 scales stay whole: 1/64 and 1/4096 of a byte
+per weight).
 """
 
 from __future__ import annotations
@@ -72,8 +81,8 @@ class NF4Weight:
     """A kernel of `shape` in NF4 with double-quantized scales (see the module docstring). With a scanned
     model every array has a leading layer axis, each layer quantized on its own (as per-layer tensors are)."""
 
-    codes: Array  # uint8 (n/2,): two 4-bit level indices per byte
-    scale_codes: Array  # uint8 (n/64,): the 8-bit dynamic code of each block's (absmax - offset)
+    codes: Array  # uint8 (..., last/2): two 4-bit level indices per byte, the kernel's axes (or flat (n/2,))
+    scale_codes: Array  # uint8 (lead..., blocks): the 8-bit dynamic code of each block's (absmax - offset)
     scale_scales: Array  # float32 (ceil(n/64/256),): the absmax of each block of 256 centred block scales
     offset: Array  # float32 (): the mean of the block scales
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
@@ -106,10 +115,22 @@ def quantize(w: Array, dtype: Any = None) -> NF4Weight:
     levels = jnp.asarray(NF4_LEVELS)
     q = jnp.searchsorted((levels[:-1] + levels[1:]) / 2, scaled, side="left").astype(jnp.uint8)
     codes = (q[0::2] << 4) | q[1::2]
+    if shape and shape[-1] % 2 == 0:  # the kernel's axes, last one halved (the same bytes in the same order)
+        codes = codes.reshape(*shape[:-1], shape[-1] // 2)
     offset = jnp.mean(absmax)
     scale_codes, scale_scales = quantize_scales(absmax - offset)
+    scale_codes = scale_codes.reshape(*shape[:scale_lead(shape)], -1)
     return NF4Weight(codes, scale_codes, scale_scales, offset, shape=shape,
                      dtype=jnp.dtype(dtype or w.dtype).name)
+
+
+def scale_lead(shape: tuple[int, ...]) -> int:
+    """How many leading axes of a kernel its block scales keep: the most that leave whole 64-weight blocks in
+    each of their rows (0: the scales are one flat axis)."""
+    for k in range(len(shape) - 1, 0, -1):
+        if math.prod(shape[k:]) % BLOCK == 0:
+            return k
+    return 0
 
 
 def quantize_scales(centred: Array) -> tuple[Array, Array]:
@@ -120,21 +141,24 @@ def quantize_scales(centred: Array) -> tuple[Array, Array]:
 
 
 def block_scales(wt: NF4Weight) -> Array:
-    """The float32 absmax of every 64-block, decoded from its 8-bit code (bitsandbytes' order of operations)."""
+    """The float32 absmax of every 64-block, decoded from its 8-bit code (bitsandbytes' order of operations),
+    in the scale codes' shape."""
     code8 = jnp.asarray(dynamic_code())
-    nb = wt.scale_codes.shape[-1]
     vals = code8[wt.scale_codes.astype(jnp.int32)]
-    per = jnp.repeat(wt.scale_scales, SCALE_BLOCK, axis=-1)[..., :nb]
-    return vals * per + wt.offset
+    group = jnp.arange(wt.scale_codes.size, dtype=jnp.int32).reshape(wt.scale_codes.shape) // SCALE_BLOCK
+    return vals * wt.scale_scales[group] + wt.offset
 
 
 def dequantize(wt: NF4Weight, dtype: Any = None) -> Array:
-    """The kernel back in `dtype` (default: the dtype it was quantized from)."""
-    if wt.codes.ndim == 2:  # a scanned stack: one quantized kernel per layer
+    """The kernel back in `dtype` (default: the dtype it was quantized from). Computed in the codes' own
+    axes, so a sharded kernel is dequantized shard by shard."""
+    if wt.offset.ndim == 1:  # a scanned stack: one quantized kernel per layer
         return jax.vmap(lambda c, s, ss, o: dequantize(NF4Weight(c, s, ss, o, wt.shape, wt.dtype), dtype))(
             wt.codes, wt.scale_codes, wt.scale_scales, wt.offset)
-    q = jnp.stack([wt.codes >> 4, wt.codes & 0xF], axis=-1).reshape(-1).astype(jnp.int32)
-    vals = jnp.asarray(NF4_LEVELS)[q].reshape(-1, BLOCK) * block_scales(wt)[:, None]
+    q = jnp.stack([wt.codes >> 4, wt.codes & 0xF], axis=-1).reshape(*wt.codes.shape[:-1], -1)
+    vals = jnp.asarray(NF4_LEVELS)[q.astype(jnp.int32)].reshape(wt.shape)
+    scales = block_scales(wt)  # (lead..., blocks)
+    vals = vals.reshape(*scales.shape[:-1], -1, BLOCK) * scales[..., None]
     return vals.reshape(wt.shape).astype(jnp.dtype(dtype or wt.dtype))
 
 

@@ -110,3 +110,28 @@ def test_config_accepts_auto_and_blockwise_and_names_the_choices():
     assert LlamaConfig(attention="blockwise").attention == "blockwise"
     with pytest.raises(ConfigError, match="attention must be one of .*'auto'"):
         LlamaConfig(attention="flash")
+
+
+
+def test_blockwise_keeps_no_score_matrix_for_the_backward_pass():
+    """What the forward pass saves for the gradient (the residuals inside `jax.vjp`'s closure): the dense
+    kernel keeps its (B, K, G, T, T) float32 probabilities; blockwise attention keeps q, k, v, the boolean
+    mask and one float32 log-sum-exp per row, and recomputes each block's probabilities when differentiating."""
+    b, t, n, kv, h = 1, 512, 8, 2, 16
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, t, h)), jnp.float32) for _ in range(2))
+    mask = Mask(jnp.arange(t), jnp.ones((b, t), jnp.int32), jnp.ones((b, t), jnp.int32))
+
+    def saved_bytes(kernel):
+        _, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, mask), q, k, v)
+        leaves = [x for x in jax.tree.leaves(pullback) if hasattr(x, "nbytes")]
+        return sum(x.nbytes for x in leaves), max(x.nbytes for x in leaves)
+
+    probs = b * n * t * t * 4  # one float32 (T, T) matrix per query head: 8 MiB
+    dense_total, dense_largest = saved_bytes(IMPLEMENTATIONS["xla"])
+    blk_total, blk_largest = saved_bytes(lambda *a: blockwise_attention(*a, block=128))
+    assert dense_largest >= probs
+    inputs = q.nbytes + k.nbytes + v.nbytes + b * t * t  # q, k, v and the boolean (B, T, T) mask
+    assert blk_total <= inputs + b * n * t * 4, (blk_total, inputs)  # + the float32 log-sum-exps
+    assert blk_largest < probs / 8

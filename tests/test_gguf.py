@@ -468,3 +468,47 @@ def test_mixture_of_experts_export_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(ConvertError, match="dense `llama` architecture"):
         save(cfg, params, tmp_path / "moe.gguf", format="gguf", gguf_type="f32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_run_merged_to_gguf_reads_back_as_the_adapted_model(tmp_path, sp_tok, capsys):
+    """`llama-jax convert RUN OUT.gguf --to gguf --merge-lora` of a QLoRA run (NF4 base, adapters trained for
+    three steps): the GGUF read back gives the adapted model's logits. Without a tokenizer to embed it is
+    one sentence and no file."""
+    from llama_jax import lora as lora_lib
+    from llama_jax.cli import main
+    from llama_jax.nf4 import dequantize_weight
+    from llama_jax_train import loop
+    from llama_jax_train.adapters import base_params, read_lora_run
+    from llama_jax_train.config import from_dict
+
+    run_dir = tmp_path / "run"
+    cfg = from_dict({
+        "model": {"preset": "tiny", "vocab_size": 32000, "scan_layers": True},
+        "data": {"synthetic": True, "seq_len": 32},
+        "train": {"global_batch_size": 8, "steps": 3, "eval_batches": 0, "loss_chunk": 16},
+        "optim": {"lr": 5e-2, "warmup_steps": 0},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+        "checkpoint": {"every": 0, "async_save": False},
+        "logging": {"log_every": 1, "progress": "off", "tensorboard": False, "peak_flops": 1e11},
+        "lora": {"rank": 4, "alpha": 16, "targets": ["wq", "wk", "wo", "w1", "w2"], "quantize": "nf4"},
+        "run_dir": str(run_dir),
+    })
+    assert loop.train(cfg, prepared=loop.setup(cfg, [jax.devices()[0]]), log=lambda _: None) == 0
+
+    assert main(["convert", str(run_dir), str(tmp_path / "none.gguf"), "--to", "gguf", "--merge-lora"]) == 1
+    assert "pass --tokenizer" in capsys.readouterr().err and not (tmp_path / "none.gguf").exists()
+
+    out = tmp_path / "merged.gguf"
+    assert main(["convert", str(run_dir), str(out), "--to", "gguf", "--merge-lora", "--gguf-type", "f32",
+                 "--tokenizer", str(sp_tok)]) == 0
+    run, model, factors, step = read_lora_run(run_dir)
+    assert step == 3
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 32000, size=(2, 24)))
+    base = base_params(run, model)  # the NF4 base the run trained on
+    adapted = np.asarray(Llama(model).apply({"params": lora_lib.attach(base, factors, run.lora.scale)}, tokens))
+    plain = jax.tree.map(dequantize_weight, base, is_leaf=lambda x: hasattr(x, "project"))
+    before = np.asarray(Llama(model).apply({"params": plain}, tokens))
+    assert np.abs(adapted - before).max() > 1e-3  # the adapters changed the model
+    gcfg, gparams = load(out)
+    assert gcfg.vocab_size == 32000 and gcfg.n_layers == model.n_layers
+    np.testing.assert_allclose(np.asarray(Llama(gcfg).apply({"params": gparams}, tokens)), adapted, atol=1e-4, rtol=0)

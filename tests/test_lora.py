@@ -169,6 +169,40 @@ def test_lora_mesh_equals_single_device_and_reports_params(tmp_path):
     assert first["total_params"] == count_params(cfg) + n_layers * per_layer
 
 
+def test_qlora_nf4_base_is_sharded_by_the_rule_table_and_a_mesh_equals_one_device(tmp_path):
+    """QLoRA on a 2x2x2 mesh: every NF4 kernel's codes are split over fsdp/tensor exactly as the dense
+    kernel's logical axes are (the rule table), and the losses are the single device's."""
+    from jax.sharding import PartitionSpec as P
+
+    from llama_jax import nf4 as nf4_lib
+    from llama_jax_train.sharding import LOGICAL_AXIS_RULES
+
+    nf4 = {"quantize": "nf4", "base_dtype": "float32", "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+    model = {"scan_layers": True, "remat": "full"}
+    single, _ = _run(_cfg(tmp_path / "one", lora=nf4, model=model), [jax.devices()[0]])
+    sharded, s = _run(_cfg(tmp_path / "mesh", lora=nf4, model=model, mesh={"data": 2, "fsdp": 2, "tensor": 2}))
+    assert dict(s.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    rules = dict(LOGICAL_AXIS_RULES)
+    kernels = {"attention": {"wq": ("embed", "heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+                             "wv": ("embed", "kv_heads", "head_dim"), "wo": ("heads", "head_dim", "embed")},
+               "feed_forward": {"w1": ("embed", "mlp"), "w3": ("embed", "mlp"), "w2": ("mlp", "embed")}}
+    frozen = s.state_shardings.frozen["layers"]
+    checked = set()
+    for module, names in kernels.items():
+        for name, axes in names.items():
+            w = frozen[module][name]
+            assert w.codes.spec == P(None, *(rules[a] for a in axes)), (name, w.codes.spec)
+            # The block scales keep the leading axes that leave whole 64-blocks (wk: (64, 2, 16), none).
+            kept = nf4_lib.scale_lead(s.abstract_state.frozen["layers"][module][name].shape)
+            assert w.scale_codes.spec == P(None, *(rules[a] for a in axes[:kept]), None), (name, w.scale_codes.spec)
+            checked.add((name, kept))
+    assert {kept for _, kept in checked} == {0, 1, 2}  # wk/wv, wq/w1/w2/w3, wo
+    assert set(single) == set(range(1, 7))
+    for k in single:
+        assert sharded[k] == pytest.approx(single[k], rel=1e-5, abs=1e-6)
+    assert single[6] < single[1]
+
+
 def test_lora_resume_is_exact_and_checkpoints_hold_only_adapters(tmp_path):
     whole, _ = _run(_cfg(tmp_path / "whole", mesh={"data": 2, "fsdp": -1}))
     cut = tmp_path / "cut"
@@ -187,3 +221,63 @@ def test_lora_config_errors():
         _cfg("/tmp/x", lora={"rnak": 4})
     with pytest.raises(ConfigError, match="lora.quantize must be"):
         _cfg("/tmp/x", lora={"quantize": "int4"})
+
+
+def test_eval_and_generate_read_a_lora_run_directly(tmp_path, shared_data, capsys):
+    """`llama-jax eval RUN_DIR` of a LoRA run scores its base with its adapters: the held-out loss the run
+    logged at its last step. `llama-jax generate RUN_DIR` continues a prompt as greedy decoding by full
+    forward passes of the adapted model does."""
+    from llama_jax.cli import main
+    from llama_jax.tokenizer import load_tokenizer
+
+    tok_path = shared_data / "tokenizers" / "llama2" / "tokenizer.model"
+    cfg = _cfg(tmp_path / "run", model={"vocab_size": 32000, "scan_layers": True},
+               train={"steps": 4, "eval_every": 4, "eval_batches": 2}, optim={"lr": 5e-2, "warmup_steps": 0},
+               lora={"dropout": 0.0})
+    _run(cfg)  # fsdp over every device, as `llama-jax eval` lays it out by default
+    logged = [r["eval_loss"] for r in read_metrics(cfg.run_dir) if r.get("step") == 4 and "eval_loss" in r]
+    assert len(logged) == 1
+
+    capsys.readouterr()
+    assert main(["eval", str(cfg.run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 4
+    assert result["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
+
+    prompt = "The capital of France is"
+    assert main(["generate", str(cfg.run_dir), "--tokenizer", str(tok_path), "--prompt", prompt,
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[0]
+    # The reference: the run's factors on its base (the seed's init: no init_from), argmax of full passes.
+    from llama_jax_train.adapters import adapted_model
+
+    model, params = adapted_model(cfg.run_dir)
+    tok = load_tokenizer(tok_path)
+    ids = tok.encode(prompt, bos=True, eos=False)
+    new = []
+    for _ in range(6):
+        logits = Llama(model).apply({"params": params}, jnp.asarray([ids + new]))
+        new.append(int(jnp.argmax(logits[0, -1, : tok.vocab_size])))
+    assert printed == prompt + tok.decode(ids + new)[len(tok.decode(ids)):]
+    base = jax.tree.map(lambda w: w.base if isinstance(w, lora_lib.LoraWeight) else w, params,
+                        is_leaf=lambda w: isinstance(w, lora_lib.LoraWeight))
+    plain = Llama(model).apply({"params": base}, jnp.asarray([ids]))
+    assert float(jnp.abs(Llama(model).apply({"params": params}, jnp.asarray([ids])) - plain).max()) > 1e-3
+
+
+@pytest.mark.slow  # compiles llama2-7b's step ahead of time: about a minute on 2 shared cores
+def test_qlora_llama2_7b_config_compiles_within_10_gib():
+    """The issue's memory target, as `--dry-run` reports it: XLA's memory analysis of the compiled QLoRA step
+    (configs/sft-qlora-llama2-7b.yaml: r=64, seq 2048, micro-batches of one sequence, full remat) on one
+    device, arguments + outputs - donated + temporaries, under 10 GiB."""
+    from llama_jax_train import loop
+    from pathlib import Path
+
+    from llama_jax_train.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sft-qlora-llama2-7b.yaml")
+    s = loop.setup(cfg, [jax.devices()[0]])
+    compiled, _ = loop.compile_step(s)
+    vals, need = loop.step_memory(compiled)
+    assert vals["argument_size_in_bytes"] < 4.6 * 2**30  # NF4 base (3.4 GiB) + bf16 factors and Adam moments
+    assert need <= 10 * 2**30, need / 2**30

@@ -44,7 +44,9 @@ def test_codes_and_scales_equal_bitsandbytes(weights):
     _, plain = bnbf.quantize_4bit(torch.from_numpy(weights), blocksize=64, compress_statistics=False,
                                   quant_type="nf4")
     ours = nf4.quantize(jnp.asarray(weights))
-    assert np.array_equal(np.asarray(ours.codes), packed.numpy().reshape(-1))
+    # The same bytes in the kernel's axes: (512, 768) -> codes (512, 384), block scales (512, 12).
+    assert ours.codes.shape == (512, 384) and ours.scale_codes.shape == (512, 12)
+    assert np.array_equal(np.asarray(ours.codes).reshape(-1), packed.numpy().reshape(-1))
     absmax, _ = nf4._blockwise_absmax(jnp.asarray(weights).reshape(-1), 64)
     assert np.array_equal(np.asarray(absmax), plain.absmax.numpy())
     # The offset: a float32 mean, at most one ulp apart (summation order).
@@ -73,6 +75,10 @@ def test_dequantized_equal_bitsandbytes(weights, dtype):
                            jnp.asarray(state.state2.absmax.numpy()), jnp.float32(state.offset.item()),
                            shape=weights.shape, dtype=dtype)
     assert np.array_equal(np.asarray(nf4.dequantize(stored).astype(jnp.float32)), theirs)
+    # The same stored bytes in the kernel's axes (the layout `quantize` writes) dequantize identically.
+    shaped = nf4.NF4Weight(stored.codes.reshape(512, 384), stored.scale_codes.reshape(512, 12), stored.scale_scales,
+                           stored.offset, shape=weights.shape, dtype=dtype)
+    assert np.array_equal(np.asarray(nf4.dequantize(shaped).astype(jnp.float32)), theirs)
     # Our own quantization of the same tensor: the 4-bit codes are equal, so the values differ only through
     # the double-quantized scales (see the module docstring): well inside one NF4 step.
     ours = np.asarray(nf4.dequantize(nf4.quantize(jnp.asarray(weights, dtype)), jnp.float32))
@@ -85,7 +91,7 @@ def test_dequantized_equal_bitsandbytes(weights, dtype):
 def test_stacked_layers_and_matmul(weights):
     w = jnp.asarray(weights.reshape(2, 256, 768))
     stacked = nf4.quantize_stacked(w, scanned=True)
-    assert stacked.codes.shape == (2, 256 * 768 // 2) and stacked.shape == (256, 768)
+    assert stacked.codes.shape == (2, 256, 768 // 2) and stacked.shape == (256, 768)
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(nf4.dequantize(stacked)[i]), np.asarray(nf4.dequantize(nf4.quantize(w[i]))))
     one = nf4.quantize(w[0])
@@ -93,3 +99,8 @@ def test_stacked_layers_and_matmul(weights):
     np.testing.assert_allclose(np.asarray(one.project("BTD,DF->BTF", x)),
                                np.asarray(jnp.einsum("BTD,DF->BTF", x, nf4.dequantize(one, jnp.float32))), rtol=1e-6)
     assert nf4.nbytes((4096, 4096)) / (4096 * 4096) < 0.52
+    # Block scales keep as many leading axes as leave whole 64-blocks: wq (D, N, H) of llama2-7b, of a model
+    # with 16-wide heads, and w1 (D, F) of llama2-7b.
+    assert [nf4.scale_lead(s) for s in ((4096, 32, 128), (64, 4, 16), (4096, 11008))] == [2, 1, 1]
+    small = nf4.quantize(jnp.asarray(weights[:64, :64].reshape(64, 4, 16)))
+    assert small.codes.shape == (64, 4, 8) and small.scale_codes.shape == (64, 1)

@@ -105,7 +105,12 @@ def _run(args: argparse.Namespace) -> int:
     cfg = from_dict(base, args.overrides)
     s = setup(cfg)
     params, _ = load_weights(str(path), cfg.model, s.abstract_state.params, s.state_shardings.params)
-    result = evaluate(s, params, cfg.train.eval_batches)
+    frozen = None
+    if cfg.lora is not None:  # a LoRA run: `params` are its adapters; the base comes from train.init_from
+        from llama_jax_train.loop import lora_base_weights
+
+        frozen = lora_base_weights(s)
+    result = evaluate(s, params, cfg.train.eval_batches, frozen=frozen)
     if not result:
         raise ConfigError("the evaluation data gave no tokens to score.")
     out = {"checkpoint": str(path), "step": step, **result}

@@ -265,10 +265,29 @@ def lora_base(cfg: LlamaConfig, lora: Any, params: Any) -> Any:
     def one(path, x):
         names = [str(getattr(k, "key", k)) for k in path]
         if names[-1] in KERNELS and names[0].startswith("layers"):
-            return quantize_stacked(nn.meta.unbox(x), names[0] == "layers", dtype)
+            w = quantize_stacked(nn.meta.unbox(x), names[0] == "layers", dtype)
+            return nf4_boxed(w, tuple(x.names), names[0] == "layers") if isinstance(x, nn.Partitioned) else w
         return x
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def nf4_boxed(w: Any, axes: tuple, scanned: bool) -> Any:
+    """An NF4 kernel whose arrays carry the dense kernel's logical axes `axes` (with "layers" first when
+    `scanned`), so the rule table shards it as it shards the kernel: the codes (the kernel's axes, the last
+    one halved) take all of them, the block scales the leading ones they keep; the per-256 scales and the
+    offset (a few bytes per layer) stay whole."""
+    from llama_jax.nf4 import NF4Weight
+
+    lead = ("layers",) if scanned else ()
+    kernel_axes = axes[len(lead):]
+    codes_axes = axes if w.codes.ndim == len(axes) else lead + (None,)
+    n_scale = w.scale_codes.ndim - len(lead) - 1  # the kernel's leading axes the block scales keep
+    return NF4Weight(nn.Partitioned(w.codes, names=codes_axes),
+                     nn.Partitioned(w.scale_codes, names=lead + kernel_axes[:n_scale] + (None,)),
+                     nn.Partitioned(w.scale_scales, names=lead + (None,)),
+                     nn.Partitioned(w.offset, names=lead) if scanned else w.offset,
+                     shape=w.shape, dtype=w.dtype)
 
 
 def init_state(cfg: LlamaConfig, tx: optax.GradientTransformation, key: jax.Array, lora: Any = None) -> TrainState:

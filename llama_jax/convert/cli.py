@@ -10,7 +10,8 @@ HELP = "convert checkpoints between Meta (.pth), Hugging Face (safetensors), orb
 EXAMPLE = ("llama-jax convert ~/llama-3.2-1b-meta /tmp/llama-3.2-1b-hf --to hf --dtype bfloat16\n"
            "  llama-jax convert quickstart/run/checkpoints out.gguf --to gguf --gguf-type q8_0\n"
            "  llama-jax convert runs/sft-lora /tmp/adapter --to peft              # a LoRA run's adapter, for peft\n"
-           "  llama-jax convert runs/sft-lora /tmp/merged-hf --to hf --merge-lora  # base + adapter in one checkpoint")
+           "  llama-jax convert runs/sft-lora /tmp/merged-hf --to hf --merge-lora  # base + adapter in one checkpoint\n"
+           "  llama-jax convert runs/sft-lora /tmp/merged.gguf --to gguf --merge-lora --gguf-type q8_0  # for llama.cpp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,10 +73,19 @@ def _lora(args: argparse.Namespace):
         if args.to == "peft":
             raise ConvertError(f"{args.src} is already a peft adapter.")
         cfg, params = load(args.src, base=args.base)
+        if args.to == "gguf":
+            import json
+
+            from llama_jax_train.adapters import gguf_tokenizer
+
+            named = json.loads((Path(args.src) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            tok = args.tokenizer or gguf_tokenizer(args.src, args.base or named)
+            return save(cfg, params, args.dst, format="gguf", num_shards=args.num_shards, dtype=args.dtype,
+                        gguf_type=args.gguf_type, tokenizer=tok)
         return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
     if not Path(args.src).exists():
         raise ConvertError(f"{args.src}: no such file or directory.")
     from llama_jax_train.adapters import export
 
     return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
-                  num_shards=args.num_shards)
+                  num_shards=args.num_shards, gguf_type=args.gguf_type, tokenizer=args.tokenizer)
