@@ -129,19 +129,26 @@ def mixtral_model(cfg):
     return transformers.MixtralForCausalLM(hf).train()
 
 
-def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> tuple[float, float]:
-    """Median seconds of forward + backward of one MoE feed-forward on `tokens_per_batch` tokens, and of a
-    dense SwiGLU of width experts_per_token × ffn (the same active parameters, router aside), alternating."""
+def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> dict[str, float]:
+    """Median seconds of forward + backward of one MoE feed-forward on `tokens_per_batch` tokens ("moe", with
+    the config's dispatch), of a dense SwiGLU of width experts_per_token × ffn ("dense": the same active
+    parameters, router aside) and, where the config's dispatch is another, of the MoE with `ragged_dot`
+    ("moe_ragged_dot"), alternating in one process."""
+    import dataclasses
+
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from llama_jax.model import FeedForward, MoEFeedForward
+    from llama_jax.moe import resolve_dispatch
 
     x = jax.random.normal(jax.random.key(0), (1, tokens_per_batch, cfg.dim), jnp.dtype(cfg.dtype))
     valid = jnp.ones((1, tokens_per_batch), bool)
     layers = {"moe": (MoEFeedForward(cfg), (x, valid)),
               "dense": (FeedForward(cfg, hidden=cfg.experts_per_token * cfg.ffn_hidden), (x,))}
+    if resolve_dispatch(cfg.moe_dispatch) != "ragged_dot":
+        layers["moe_ragged_dot"] = (MoEFeedForward(dataclasses.replace(cfg, moe_dispatch="ragged_dot")), (x, valid))
     fns = {}
     for name, (mod, args) in layers.items():
         params = nn.meta.unbox(mod.init(jax.random.key(1), *args))["params"]
@@ -153,7 +160,7 @@ def moe_vs_dense(cfg, tokens_per_batch: int, rounds: int) -> tuple[float, float]
     for _ in range(rounds):
         for k, fn in fns.items():
             times[k].append(timed(fn))
-    return float(np.median(times["moe"])), float(np.median(times["dense"]))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def timed(fn) -> float:
@@ -209,12 +216,21 @@ def main(a) -> int:
             ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s"),
             ("peak", peak_source())]
     if cfg.n_experts:
-        t_moe, t_dense = moe_vs_dense(cfg, a.batch * a.seq, max(a.rounds, 5))
-        record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token}
+        from llama_jax.moe import resolve_dispatch
+
+        t = moe_vs_dense(cfg, a.batch * a.seq, max(a.rounds, 5))
+        t_moe, t_dense, dispatch = t["moe"], t["dense"], resolve_dispatch(cfg.moe_dispatch)
+        record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token, "moe_dispatch": dispatch}
         record |= {"moe_ffn_s": round(t_moe, 6), "dense_same_active_ffn_s": round(t_dense, 6),
                    "moe_vs_dense": round(t_moe / t_dense, 3)}
-        rows += [("MoE FFN vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU width "
-                                      f"{cfg.experts_per_token * cfg.ffn_hidden}): {t_moe / t_dense:.2f}x")]
+        rows += [(f"MoE FFN ({dispatch}) vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU "
+                                                    f"width {cfg.experts_per_token * cfg.ffn_hidden}): "
+                                                    f"{t_moe / t_dense:.2f}x")]
+        if "moe_ragged_dot" in t:
+            record |= {"moe_ragged_dot_ffn_s": round(t["moe_ragged_dot"], 6),
+                       "moe_ragged_dot_vs_dense": round(t["moe_ragged_dot"] / t_dense, 3)}
+            rows += [("MoE FFN (ragged_dot) vs dense", f"{t['moe_ragged_dot'] * 1e3:.1f} ms: "
+                                                       f"{t['moe_ragged_dot'] / t_dense:.2f}x")]
     if "peer" in runners:
         record |= {"peer": f"{peer_name()} AdamW" + (" (MixtralForCausalLM)" if cfg.n_experts else ""),
                    "peer_tokens_per_s": round(tps["peer"], 1), "peer_step_s": round(med["peer"], 4),
