@@ -27,6 +27,8 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -47,12 +49,12 @@ BLOCK_ROWS = 64  # rows per block of the "blocked" dispatch (measured on CPU: 64
 
 
 def resolve_dispatch(dispatch: str) -> str:
-    """"auto" → "blocked" on CPU, "gmm" on TPU, "ragged_dot" elsewhere (GPUs: XLA's grouped matmul; the
-    choice there was not measured). Any other name is returned as it is."""
+    """What `dispatch` runs on the default backend: "auto" → "blocked" on CPU, "gmm" on TPU, "ragged_dot"
+    elsewhere (GPUs: XLA's grouped matmul; that choice was not measured). `grouped_swiglu` itself decides
+    "auto" by the platform it is lowered for, with the same table."""
     if dispatch != "auto":
         return dispatch
-    backend = jax.default_backend()
-    return {"cpu": "blocked", "tpu": "gmm"}.get(backend, "ragged_dot")
+    return {"cpu": "blocked", "tpu": "gmm"}.get(jax.default_backend(), "ragged_dot")
 
 
 def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2: Array,
@@ -60,11 +62,42 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
     """Σ over each token's k experts of score · w2(silu(w1 x) · w3 x), dropless.
 
     x (M, D); idx, scores (M, k); w1, w3 (E, D, F); w2 (E, F, D). Returns (M, D) in x's dtype.
-    `dispatch` names the grouped matmul (`DISPATCH`); `interpret` runs "gmm"'s Pallas kernel in
-    interpret mode (any backend)."""
-    dispatch = resolve_dispatch(dispatch)
+    `dispatch` names the grouped matmul (`DISPATCH`); "auto" is decided when the program is lowered, by
+    the platform it is compiled for (so a TPU compile on a CPU host gets "gmm"); `interpret` runs "gmm"'s
+    Pallas kernel in interpret mode (any backend).
+
+    Under an active mesh (as the trainer sets it) every device routes and dispatches its own tokens in
+    `shard_map`: tokens split over the mesh axes the rule table gives `batch`, the weights (cast to x's
+    dtype first) gathered whole on every device, as FSDP gathers a dense layer's; the weight gradients are
+    summed over the devices by the shard_map's transpose. Without a mesh it runs as it is."""
     if dispatch not in DISPATCH:
         raise ValueError(f"MoE dispatch must be one of {list(DISPATCH)}, got {dispatch!r}.")
+    weights = tuple(w.astype(x.dtype) for w in (w1, w3, w2))
+    if dispatch == "auto":
+        branches = {name: functools.partial(_dispatch_local, dispatch=name, scale_inputs=scale_inputs,
+                                            interpret=False) for name in ("blocked", "gmm", "ragged_dot")}
+        local = functools.partial(jax.lax.platform_dependent, cpu=branches["blocked"], tpu=branches["gmm"],
+                                  default=branches["ragged_dot"])
+    else:
+        local = functools.partial(_dispatch_local, dispatch=dispatch, scale_inputs=scale_inputs, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(x, idx, scores, *weights)
+    import flax.linen as nn
+
+    batch = tuple(a for a in _names(nn.logical_to_mesh_axes(("batch",))[0]) if a in mesh.axis_names) or None
+    rows, whole = jax.sharding.PartitionSpec(batch, None), jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, whole, whole, whole), out_specs=rows,
+                         check_vma=False)(x, idx, scores, *weights)
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2: Array, *, dispatch: str,
+                    scale_inputs: bool, interpret: bool) -> Array:
+    """`grouped_swiglu` on one device's tokens with the named grouped matmul (weights already in x's dtype)."""
     m, k = idx.shape
     n_experts = w1.shape[0]
     flat = idx.reshape(-1)  # (M·k,) assignment a = token · k + slot
@@ -82,8 +115,7 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
     s = s[:, None]
     if scale_inputs:
         xs = xs * s
-    cast = lambda w: w.astype(x.dtype)  # noqa: E731
-    y = dot(jax.nn.silu(dot(xs, cast(w1))) * dot(xs, cast(w3)), cast(w2))  # (rows of the grouped matmul, D)
+    y = dot(jax.nn.silu(dot(xs, w1)) * dot(xs, w3), w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
         y = y * s
     row_of_assignment = jnp.zeros_like(rows).at[order].set(rows)  # the inverse permutation (into padded rows)
@@ -102,15 +134,20 @@ def _unpadded_dot(dispatch: str, group_sizes: Array, interpret: bool):
     def dot(a, w):
         # The kernel's row tiles need M·k rows in whole tiles: zero rows appended to the last group give zero
         # outputs (SwiGLU of 0 is 0) and no gradient.
-        n, (_, kk, nn) = a.shape[0], w.shape
+        n = a.shape[0]
         tm = min(128, _round_up(n, 8))
         pad = _round_up(n, tm) - n
-        sizes = group_sizes.at[-1].add(pad)
-        out = gmm(jnp.pad(a, ((0, pad), (0, 0))), w, sizes, a.dtype, (tm, min(128, kk), min(128, nn)),
-                  None, None, False, interpret)
+        out = gmm(jnp.pad(a, ((0, pad), (0, 0))), w, group_sizes.at[-1].add(pad), a.dtype,
+                  functools.partial(_gmm_tiling, tm), None, None, False, interpret)
         return out[:n]
 
     return dot
+
+
+def _gmm_tiling(tm: int, m: int, k: int, n: int) -> tuple[int, int, int]:
+    """megablox tiles for an (m, k) × (k, n) problem (the backward pass asks again with k and n swapped):
+    128 along a dimension that is a multiple of 128, else the whole dimension (Mosaic's block rule)."""
+    return tm, *(128 if d % 128 == 0 else d for d in (k, n))
 
 
 class _BlockedDot:
