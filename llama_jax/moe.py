@@ -68,8 +68,9 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
 
     Under an active mesh (as the trainer sets it) every device routes and dispatches its own tokens in
     `shard_map`: tokens split over the mesh axes the rule table gives `batch`, the weights (cast to x's
-    dtype first) gathered whole on every device, as FSDP gathers a dense layer's; the weight gradients are
-    summed over the devices by the shard_map's transpose. Without a mesh it runs as it is."""
+    dtype first, split as the rule table splits them) all-gathered whole inside, as FSDP gathers a dense
+    layer's, so the gradients leave reduce-scattered (the all-gather's transpose). Without a mesh it runs
+    as it is."""
     if dispatch not in DISPATCH:
         raise ValueError(f"MoE dispatch must be one of {list(DISPATCH)}, got {dispatch!r}.")
     weights = tuple(w.astype(x.dtype) for w in (w1, w3, w2))
@@ -85,9 +86,22 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
         return local(x, idx, scores, *weights)
     import flax.linen as nn
 
-    batch = tuple(a for a in _names(nn.logical_to_mesh_axes(("batch",))[0]) if a in mesh.axis_names) or None
-    rows, whole = jax.sharding.PartitionSpec(batch, None), jax.sharding.PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, whole, whole, whole), out_specs=rows,
+    def spec(*names):  # the active logical-axis rules, on the axes this mesh has
+        keep = lambda entry: tuple(a for a in _names(entry) if a in mesh.axis_names) or None  # noqa: E731
+        return jax.sharding.PartitionSpec(*map(keep, nn.logical_to_mesh_axes(names)))
+
+    w_specs = (spec("expert", "embed", "mlp"),) * 2 + (spec("expert", "mlp", "embed"),)
+
+    def gathered(x, idx, scores, *ws):  # each weight whole on this device; its VJP reduce-scatters the gradient
+        ws = list(ws)
+        for i, w_spec in enumerate(w_specs):
+            for dim, axes in enumerate(w_spec):
+                if axes:
+                    ws[i] = jax.lax.all_gather(ws[i], axes, axis=dim, tiled=True)
+        return local(x, idx, scores, *ws)
+
+    rows = spec("batch", None)
+    return jax.shard_map(gathered, mesh=mesh, in_specs=(rows, rows, rows, *w_specs), out_specs=rows,
                          check_vma=False)(x, idx, scores, *weights)
 
 
