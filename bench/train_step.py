@@ -85,7 +85,7 @@ def ours(cfg, tokens: np.ndarray, loss_chunk: int = 1024):
 
 
 def ours_side(cfg, tokens: np.ndarray, loss_chunk: int):
-    """The JAX worker's calls: "step" (and, for a MoE config, "moe" and "dense": `moe_and_dense`), and the
+    """The JAX worker's calls: "step" (and, for a MoE config, `moe_and_dense`'s), and the
     MFU's peak, measured (and cached) here before anything is timed."""
     import jax
 
@@ -93,9 +93,14 @@ def ours_side(cfg, tokens: np.ndarray, loss_chunk: int):
     from llama_jax_train.scaling.flops import device_peak_flops
 
     calls = {"step": ours(cfg, tokens, loss_chunk)}
+    info = {"peak_flops": device_peak_flops(), "peak_source": peak_source(), "jax": jax.__version__}
     if cfg.n_experts:
-        calls["moe"], calls["dense"] = moe_and_dense(cfg, tokens.shape[0] * (tokens.shape[1] - 1))
-    return calls, {"peak_flops": device_peak_flops(), "peak_source": peak_source(), "jax": jax.__version__}
+        from llama_jax.moe import resolve_dispatch
+
+        ffn = moe_and_dense(cfg, tokens.shape[0] * (tokens.shape[1] - 1))
+        calls |= ffn
+        info |= {"ffn_calls": list(ffn), "moe_dispatch": resolve_dispatch(cfg.moe_dispatch)}
+    return calls, info
 
 
 def peer_side(cfg, tokens: np.ndarray):
@@ -146,26 +151,33 @@ def mixtral_model(cfg):
     return transformers.MixtralForCausalLM(hf).train()
 
 
-def moe_and_dense(cfg, tokens_per_batch: int):
-    """Forward + backward of one MoE feed-forward on `tokens_per_batch` tokens, and of a dense SwiGLU of
-    width experts_per_token × ffn (the same active parameters, router aside): two zero-argument callables."""
+def moe_and_dense(cfg, tokens_per_batch: int) -> dict:
+    """Forward + backward of one MoE feed-forward on `tokens_per_batch` tokens ("moe", with the config's
+    dispatch), of a dense SwiGLU of width experts_per_token × ffn ("dense": the same active parameters, router
+    aside) and, where the config's dispatch is another, of the MoE with `ragged_dot` ("moe_ragged_dot"):
+    zero-argument callables by name."""
+    import dataclasses
+
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from llama_jax.model import FeedForward, MoEFeedForward
+    from llama_jax.moe import resolve_dispatch
 
     x = jax.random.normal(jax.random.key(0), (1, tokens_per_batch, cfg.dim), jnp.dtype(cfg.dtype))
     valid = jnp.ones((1, tokens_per_batch), bool)
     layers = {"moe": (MoEFeedForward(cfg), (x, valid)),
               "dense": (FeedForward(cfg, hidden=cfg.experts_per_token * cfg.ffn_hidden), (x,))}
-    fns = []
-    for mod, args in layers.values():
+    if resolve_dispatch(cfg.moe_dispatch) != "ragged_dot":
+        layers["moe_ragged_dot"] = (MoEFeedForward(dataclasses.replace(cfg, moe_dispatch="ragged_dot")), (x, valid))
+    fns = {}
+    for name, (mod, args) in layers.items():
         params = nn.meta.unbox(mod.init(jax.random.key(1), *args))["params"]
         loss = lambda p, x, *rest, mod=mod: jnp.sum(mod.apply({"params": p}, x, *rest) ** 2)  # noqa: E731
         grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        fns.append(lambda g=grad, p=params, a=args: jax.block_until_ready(g(p, *a)))
-    return tuple(fns)
+        fns[name] = lambda g=grad, p=params, a=args: jax.block_until_ready(g(p, *a))
+    return fns
 
 
 def main(a) -> int:
@@ -180,7 +192,9 @@ def main(a) -> int:
                  if a.peer == "torch" else None) as w:
         first, times = alternate([(w[k], "step") for k in w], a.rounds)  # the first call of ours compiles
         if cfg.n_experts:
-            _, (moe, dense) = alternate([(w["ours"], "moe"), (w["ours"], "dense")], max(a.rounds, 5))
+            ffn_calls = w["ours"].info["ffn_calls"]
+            _, ffn_times = alternate([(w["ours"], c) for c in ffn_calls], max(a.rounds, 5))
+            ffn = {c: float(np.median(t)) for c, t in zip(ffn_calls, ffn_times)}
         info = {k: v.info for k, v in w.items()}
     compile_s = first[0]
     tok = a.batch * a.seq
@@ -212,12 +226,18 @@ def main(a) -> int:
             ("ours: MFU", f"{mfu:.1%} (causal counting {mfu_causal:.1%}) of {peak / 1e12:.3f} TFLOP/s"),
             ("peak", info["ours"]["peak_source"])]
     if cfg.n_experts:
-        t_moe, t_dense = float(np.median(moe)), float(np.median(dense))
-        record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token}
+        t_moe, t_dense, dispatch = ffn["moe"], ffn["dense"], info["ours"]["moe_dispatch"]
+        record["config"] |= {"experts": cfg.n_experts, "top_k": cfg.experts_per_token, "moe_dispatch": dispatch}
         record |= {"moe_ffn_s": round(t_moe, 6), "dense_same_active_ffn_s": round(t_dense, 6),
                    "moe_vs_dense": round(t_moe / t_dense, 3)}
-        rows += [("MoE FFN vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU width "
-                                      f"{cfg.experts_per_token * cfg.ffn_hidden}): {t_moe / t_dense:.2f}x")]
+        rows += [(f"MoE FFN ({dispatch}) vs dense", f"{t_moe * 1e3:.1f} ms vs {t_dense * 1e3:.1f} ms (SwiGLU "
+                                                    f"width {cfg.experts_per_token * cfg.ffn_hidden}): "
+                                                    f"{t_moe / t_dense:.2f}x")]
+        if "moe_ragged_dot" in ffn:
+            record |= {"moe_ragged_dot_ffn_s": round(ffn["moe_ragged_dot"], 6),
+                       "moe_ragged_dot_vs_dense": round(ffn["moe_ragged_dot"] / t_dense, 3)}
+            rows += [("MoE FFN (ragged_dot) vs dense", f"{ffn['moe_ragged_dot'] * 1e3:.1f} ms: "
+                                                       f"{ffn['moe_ragged_dot'] / t_dense:.2f}x")]
     if "peer" in info:
         record |= {"peer": f"{info['peer']['peer']} AdamW" + (" (MixtralForCausalLM)" if cfg.n_experts else ""),
                    "peer_tokens_per_s": round(tps["peer"], 1), "peer_step_s": round(med["peer"], 4),

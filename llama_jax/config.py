@@ -19,6 +19,7 @@ MOE_ROUTERS = ("softmax", "sigmoid")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 ATTENTION_IMPLS += ("blockwise", "auto")  # auto: blockwise on CPU, cudnn on NVIDIA GPUs in bf16/fp16, splash on TPU, else xla
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_DISPATCH = ("auto", "ragged_dot", "blocked", "gmm")  # llama_jax.moe.DISPATCH; auto: blocked on CPU, gmm on TPU
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,8 @@ class LlamaConfig:
     remat: str = "none"  # "none" | "full" | "save_dots"
     attention: str = "auto"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs) | "splash"
     # (Pallas, TPU) | "blockwise" (causal blocks, CPU) | "auto" (the default: llama_jax.attention.resolve picks)
+    moe_dispatch: str = "auto"  # the experts' grouped matmul: "ragged_dot" | "blocked" (CPU) | "gmm" (TPU,
+    # Pallas megablox) | "auto" (the default: llama_jax.moe.resolve_dispatch picks by backend)
     # What is derived is kept so that dataclasses.replace() can tell an explicit size from a derived one.
     _ffn_from_rule: bool = field(default=False, repr=False, compare=False)
 
@@ -141,7 +144,7 @@ class LlamaConfig:
             raise ConfigError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta}.")
         self._validate_moe_and_attention()
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES),
-                              ("attention", ATTENTION_IMPLS)):
+                              ("attention", ATTENTION_IMPLS), ("moe_dispatch", MOE_DISPATCH)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"LlamaConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
 

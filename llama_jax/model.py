@@ -235,7 +235,8 @@ class MoEFeedForward(nn.Module):
         logits = linear("MD,DE->ME", tokens, router).astype(jnp.float32)
         idx, scores = moe.route(logits, cfg.experts_per_token, cfg.moe_router)
         self.sow("intermediates", "router", moe.router_stats(logits, idx, valid.reshape(-1)))
-        y = moe.grouped_swiglu(tokens, idx, scores, w1, w3, w2, scale_inputs=cfg.moe_router == "sigmoid")
+        y = moe.grouped_swiglu(tokens, idx, scores, w1, w3, w2, scale_inputs=cfg.moe_router == "sigmoid",
+                               dispatch=cfg.moe_dispatch)
         y = y.reshape(b, t, d)
         if cfg.moe_shared_expert:
             y = FeedForward(cfg, hidden=f, name="shared_expert")(x) + y

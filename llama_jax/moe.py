@@ -8,15 +8,26 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
   "sigmoid" (Llama 4): keep the top-k *logits*, sigmoid each (no renormalisation).
 - `grouped_swiglu`: dropless dispatch. The M·k (token, expert) assignments are sorted by expert, so
   each expert's tokens are one contiguous group, and the three SwiGLU matmuls run as grouped matmuls
-  (`jax.lax.ragged_dot`: one (M·k, D) × (E, D, F) contraction with per-expert group sizes, no padding,
-  no capacity, no dropped tokens). The result is un-sorted by the inverse permutation and the k
+  (no capacity, no dropped tokens). The result is un-sorted by the inverse permutation and the k
   outputs of each token summed (a gather and a sum, no scatter-add, so it is deterministic).
   Llama 4 scales each expert's *input* by its score; Mixtral scales the *output*.
+  Three implementations of the grouped matmul (`DISPATCH`, `LlamaConfig.moe_dispatch`; "auto" picks by
+  backend, `resolve_dispatch`):
+  - "ragged_dot": `jax.lax.ragged_dot` over the unpadded groups. XLA:CPU lowers it to a contraction with
+    every expert's weights and the other groups masked (E× the arithmetic), so it is not used on CPU.
+  - "blocked" (CPU): every group padded to a multiple of a row block (at most T·k + E·(m−1) rows, a
+    static bound), then a loop over the blocks that are in use, each one (m, D) × (D, F) matmul with its
+    expert's weights (what megablox does on TPU, as plain XLA); a custom VJP loops over the blocks again
+    for the input and weight gradients. Arithmetic ≈ the active parameters' plus the padding.
+  - "gmm" (TPU): the Pallas megablox grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`,
+    its own VJP), on the unpadded groups; `interpret=True` runs it anywhere (tests).
 - `router_stats`: the Switch/Mixtral load-balancing loss, the ST-MoE router z-loss and the fraction of
   assignments each expert received, for the trainer to weight and log.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,26 +44,195 @@ def route(logits: Array, k: int, kind: str) -> tuple[Array, Array]:
     return idx, jax.nn.sigmoid(top)
 
 
+DISPATCH = ("auto", "ragged_dot", "blocked", "gmm")
+BLOCK_ROWS = 64  # rows per block of the "blocked" dispatch (measured on CPU: 64 ≲ 128 < 256, bench/train_step.py)
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """What `dispatch` runs on the default backend: "auto" → "blocked" on CPU, "gmm" on TPU, "ragged_dot"
+    elsewhere (GPUs: XLA's grouped matmul; that choice was not measured). `grouped_swiglu` itself decides
+    "auto" by the platform it is lowered for, with the same table."""
+    if dispatch != "auto":
+        return dispatch
+    return {"cpu": "blocked", "tpu": "gmm"}.get(jax.default_backend(), "ragged_dot")
+
+
 def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2: Array,
-                   scale_inputs: bool) -> Array:
+                   scale_inputs: bool, dispatch: str = "auto", interpret: bool = False) -> Array:
     """Σ over each token's k experts of score · w2(silu(w1 x) · w3 x), dropless.
 
-    x (M, D); idx, scores (M, k); w1, w3 (E, D, F); w2 (E, F, D). Returns (M, D) in x's dtype."""
+    x (M, D); idx, scores (M, k); w1, w3 (E, D, F); w2 (E, F, D). Returns (M, D) in x's dtype.
+    `dispatch` names the grouped matmul (`DISPATCH`); "auto" is decided when the program is lowered, by
+    the platform it is compiled for (so a TPU compile on a CPU host gets "gmm"); `interpret` runs "gmm"'s
+    Pallas kernel in interpret mode (any backend).
+
+    Under an active mesh (as the trainer sets it) every device routes and dispatches its own tokens in
+    `shard_map`: tokens split over the mesh axes the rule table gives `batch`, the weights (cast to x's
+    dtype first, split as the rule table splits them) all-gathered whole inside, as FSDP gathers a dense
+    layer's, so the gradients leave reduce-scattered (the all-gather's transpose). Without a mesh it runs
+    as it is."""
+    if dispatch not in DISPATCH:
+        raise ValueError(f"MoE dispatch must be one of {list(DISPATCH)}, got {dispatch!r}.")
+    weights = tuple(w.astype(x.dtype) for w in (w1, w3, w2))
+    if dispatch == "auto":
+        branches = {name: functools.partial(_dispatch_local, dispatch=name, scale_inputs=scale_inputs,
+                                            interpret=False) for name in ("blocked", "gmm", "ragged_dot")}
+        local = functools.partial(jax.lax.platform_dependent, cpu=branches["blocked"], tpu=branches["gmm"],
+                                  default=branches["ragged_dot"])
+    else:
+        local = functools.partial(_dispatch_local, dispatch=dispatch, scale_inputs=scale_inputs, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(x, idx, scores, *weights)
+    import flax.linen as nn
+
+    def spec(*names):  # the active logical-axis rules, on the axes this mesh has
+        keep = lambda entry: tuple(a for a in _names(entry) if a in mesh.axis_names) or None  # noqa: E731
+        return jax.sharding.PartitionSpec(*map(keep, nn.logical_to_mesh_axes(names)))
+
+    w_specs = (spec("expert", "embed", "mlp"),) * 2 + (spec("expert", "mlp", "embed"),)
+
+    def gathered(x, idx, scores, *ws):  # each weight whole on this device; its VJP reduce-scatters the gradient
+        ws = list(ws)
+        for i, w_spec in enumerate(w_specs):
+            for dim, axes in enumerate(w_spec):
+                if axes:
+                    ws[i] = jax.lax.all_gather(ws[i], axes, axis=dim, tiled=True)
+        return local(x, idx, scores, *ws)
+
+    rows = spec("batch", None)
+    return jax.shard_map(gathered, mesh=mesh, in_specs=(rows, rows, rows, *w_specs), out_specs=rows,
+                         check_vma=False)(x, idx, scores, *weights)
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2: Array, *, dispatch: str,
+                    scale_inputs: bool, interpret: bool) -> Array:
+    """`grouped_swiglu` on one device's tokens with the named grouped matmul (weights already in x's dtype)."""
     m, k = idx.shape
     n_experts = w1.shape[0]
     flat = idx.reshape(-1)  # (M·k,) assignment a = token · k + slot
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # (E,)
-    xs = x[order // k]  # (M·k, D) each assignment's token, sorted by expert
-    s = scores.reshape(-1)[order].astype(x.dtype)[:, None]  # (M·k, 1)
+    s = scores.reshape(-1)[order].astype(x.dtype)  # (M·k,)
+    if dispatch == "blocked":  # row rows[j] of the padded blocks holds sorted assignment j; the rest are zeros
+        rows, dot = _blocked_layout(flat[order], group_sizes, min(BLOCK_ROWS, _round_up(m * k, 8)))
+        token = jnp.full((dot.n_rows,), m, jnp.int32).at[rows].set((order // k).astype(jnp.int32))
+        xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token]  # token m: a zero row
+        s = jnp.zeros((dot.n_rows,), x.dtype).at[rows].set(s)
+    else:  # the sorted assignments as they are
+        rows, dot = jnp.arange(m * k, dtype=order.dtype), _unpadded_dot(dispatch, group_sizes, interpret)
+        xs = x[order // k]
+    s = s[:, None]
     if scale_inputs:
         xs = xs * s
-    dot = lambda a, w: jax.lax.ragged_dot(a, w.astype(x.dtype), group_sizes)  # noqa: E731
-    y = dot(jax.nn.silu(dot(xs, w1)) * dot(xs, w3), w2)  # (M·k, D)
+    y = dot(jax.nn.silu(dot(xs, w1)) * dot(xs, w3), w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
         y = y * s
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return y[inverse].reshape(m, k, -1).sum(axis=1)
+    row_of_assignment = jnp.zeros_like(rows).at[order].set(rows)  # the inverse permutation (into padded rows)
+    return y[row_of_assignment].reshape(m, k, -1).sum(axis=1)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _unpadded_dot(dispatch: str, group_sizes: Array, interpret: bool):
+    if dispatch == "ragged_dot":
+        return lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    def dot(a, w):
+        # The kernel's row tiles need M·k rows in whole tiles: zero rows appended to the last group give zero
+        # outputs (SwiGLU of 0 is 0) and no gradient.
+        n = a.shape[0]
+        tm = min(128, _round_up(n, 8))
+        pad = _round_up(n, tm) - n
+        out = gmm(jnp.pad(a, ((0, pad), (0, 0))), w, group_sizes.at[-1].add(pad), a.dtype,
+                  functools.partial(_gmm_tiling, tm), None, None, False, interpret)
+        return out[:n]
+
+    return dot
+
+
+def _gmm_tiling(tm: int, m: int, k: int, n: int) -> tuple[int, int, int]:
+    """megablox tiles for an (m, k) × (k, n) problem (the backward pass asks again with k and n swapped):
+    128 along a dimension that is a multiple of 128, else the whole dimension (Mosaic's block rule)."""
+    return tm, *(128 if d % 128 == 0 else d for d in (k, n))
+
+
+class _BlockedDot:
+    """(n_rows, K) × (E, K, N) → (n_rows, N) where row block b (of `block` rows) uses expert `experts[b]`;
+    only the first `live` blocks are computed (the others are padding and stay zero)."""
+
+    def __init__(self, experts: Array, live: Array, block: int, n_rows: int):
+        self.experts, self.live, self.block, self.n_rows = experts, live, block, n_rows
+
+    def __call__(self, a: Array, w: Array) -> Array:
+        blocks = a.reshape(self.n_rows // self.block, self.block, a.shape[1])
+        return _block_matmul(blocks, w, self.experts, self.live).reshape(self.n_rows, w.shape[2])
+
+
+def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tuple[Array, _BlockedDot]:
+    """Rows of the sorted assignments once every expert's group is padded to whole blocks of `block` rows,
+    and the grouped matmul over those blocks."""
+    n, n_experts = sorted_experts.shape[0], group_sizes.shape[0]
+    n_blocks = (n + n_experts * (block - 1)) // block  # Σ_e ceil(g_e / block) ≤ this, for any group sizes
+    padded = (group_sizes + block - 1) // block * block
+    padded_end = jnp.cumsum(padded)
+    group_start = jnp.cumsum(group_sizes) - group_sizes
+    rank = jnp.arange(n, dtype=jnp.int32) - group_start[sorted_experts]  # position inside its group
+    rows = (padded_end - padded)[sorted_experts] + rank
+    starts = jnp.arange(n_blocks, dtype=jnp.int32) * block
+    experts = jnp.minimum(jnp.searchsorted(padded_end, starts, side="right"), n_experts - 1).astype(jnp.int32)
+    return rows.astype(jnp.int32), _BlockedDot(experts, padded_end[-1] // block, block, n_blocks * block)
+
+
+def _block_matmul_fwd_loop(blocks: Array, w: Array, experts: Array, live: Array) -> Array:
+    def body(b, out):
+        wb = jax.lax.dynamic_index_in_dim(w, experts[b], 0, keepdims=False)
+        xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
+        yb = jnp.dot(xb, wb, preferred_element_type=jnp.float32).astype(out.dtype)
+        return jax.lax.dynamic_update_index_in_dim(out, yb, b, 0)
+
+    out = jnp.zeros(blocks.shape[:2] + (w.shape[2],), blocks.dtype)
+    return jax.lax.fori_loop(0, live, body, out)
+
+
+@jax.custom_vjp
+def _block_matmul(blocks: Array, w: Array, experts: Array, live: Array) -> Array:
+    """blocks (B, m, K) × w (E, K, N) → (B, m, N): block b times w[experts[b]], for b < live (others 0)."""
+    return _block_matmul_fwd_loop(blocks, w, experts, live)
+
+
+def _block_matmul_fwd(blocks, w, experts, live):
+    return _block_matmul_fwd_loop(blocks, w, experts, live), (blocks, w, experts, live)
+
+
+def _block_matmul_bwd(res, dy):
+    """d blocks[b] = dy[b] · w[e_b]ᵀ; d w[e] = Σ_{b: e_b = e} blocks[b]ᵀ · dy[b] (float32 accumulation)."""
+    blocks, w, experts, live = res
+
+    def body(b, carry):
+        dx, dw = carry
+        e = experts[b]
+        wb = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+        xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
+        dyb = jax.lax.dynamic_index_in_dim(dy, b, 0, keepdims=False)
+        dxb = jax.lax.dot_general(dyb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dwb = jax.lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        dx = jax.lax.dynamic_update_index_in_dim(dx, dxb.astype(dx.dtype), b, 0)
+        dw = jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, e, 0, False) + dwb, e, 0)
+        return dx, dw
+
+    dx, dw = jax.lax.fori_loop(0, live, body, (jnp.zeros_like(blocks), jnp.zeros(w.shape, jnp.float32)))
+    return dx, dw.astype(w.dtype), None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
 
 
 def router_stats(logits: Array, idx: Array, valid: Array | None = None) -> dict[str, Array]:

@@ -12,8 +12,9 @@ below is the only place that says which mesh axis each name is split over:
 - `expert` : expert parallelism for mixture-of-experts models (Mixtral, Llama 4) — the routed experts'
              weights (and the router's columns) split by expert. The mesh has this fourth axis only
              when a size is given for it (`make_mesh((d, f, t, e))`, `mesh.expert` in a run config);
-             tokens are not split over it, so the compiler exchanges them (gathers each device's
-             experts' tokens, reduces their outputs) around the dispatch.
+             tokens are not split over it, and the dispatch (`llama_jax.moe.grouped_swiglu`, per device in
+             shard_map) gathers the expert weights whole, so the axis splits their storage (weights,
+             gradients, optimizer state), not their work.
 
 Rules are tried in order and a mesh axis is used at most once per array (flax's logical-axis semantics),
 so an activation (batch, length, embed) takes `('data', 'fsdp')` for `batch` and leaves `embed` whole,
