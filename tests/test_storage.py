@@ -1,0 +1,83 @@
+"""llama_jax.storage against a real Cloud Storage emulator (fake-gcs-server, see conftest.gcs), and locally."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from llama_jax import storage
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("s3://bkt/run", "s3:// scheme is not supported"),
+    ("http://host/run", "http:// scheme is not supported"),
+    ("gs:/bkt/run", "two slashes after gs:, e.g. gs://bkt/run"),
+    ("gs:bkt/run", "two slashes after gs:, e.g. gs://bkt/run"),
+    ("gs://Bad_Bucket!/x", "is not a Cloud Storage bucket name"),
+])
+def test_bad_paths_are_one_sentence(bad, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(storage.StorageError) as e:
+        storage.path(bad)
+    msg = str(e.value)
+    assert expected in msg and bad in msg and "gs://BUCKET/PATH" in msg and "\n" not in msg
+    assert isinstance(e.value, ValueError)
+    assert list(tmp_path.iterdir()) == []  # no local folder named after the URL
+
+
+def test_local_paths_unchanged(tmp_path):
+    p = storage.path(tmp_path / "a" / "b.txt")
+    assert os.fspath(p) == str(tmp_path / "a" / "b.txt") and not storage.is_remote(p)
+    storage.makedirs(p.parent)
+    storage.write_text_atomic(p, "one\n")
+    storage.append_lines(p, ["two", "three"])
+    assert p.read_text() == "one\ntwo\nthree\n"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["b.txt"]  # no temporary file left
+    storage.check_bucket(tmp_path)  # a no-op for local paths
+    with storage.local_copy(p.parent) as local:
+        assert local == p.parent
+
+
+def test_gcs_write_read_append_atomic(gcs, tmp_path):
+    root = gcs.bucket()
+    run = f"{root}/runs/a"
+    storage.check_bucket(run)
+    assert storage.is_remote(run) and storage.bucket_of(run) == root[5:]
+    p = storage.path(f"{run}/config.yaml")
+    storage.write_text_atomic(p, "x: 1\n")
+    assert p.read_text() == "x: 1\n"
+    storage.write_text_atomic(p, "x: 2\n")  # replaced whole
+    assert p.read_text() == "x: 2\n"
+    m = storage.path(f"{run}/metrics.jsonl")
+    storage.append_lines(m, [json.dumps({"step": 1})])
+    storage.append_lines(m, [json.dumps({"step": 2}), json.dumps({"step": 3})])
+    assert [json.loads(line)["step"] for line in m.read_text().splitlines()] == [1, 2, 3]
+    # the write check left nothing behind; the directory lists the two objects
+    assert sorted(x.name for x in storage.path(run).iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+    # a directory round trip: upload (manifest last), download into a cache, reuse of the cache
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "manifest.json").write_text("{}")
+    (src / "sub" / "shard.bin").write_bytes(os.urandom(100_000))
+    storage.upload_dir(src, f"{root}/data", last=["manifest.json"])
+    cache = tmp_path / "cache"
+    with storage.local_copy(f"{root}/data", cache=cache) as local:
+        assert (local / "sub" / "shard.bin").read_bytes() == (src / "sub" / "shard.bin").read_bytes()
+        assert (local / "manifest.json").read_text() == "{}"
+    with storage.local_copy(f"{root}/data") as local:
+        tmp_dir = local
+        assert (local / "sub" / "shard.bin").stat().st_size == 100_000
+    assert not tmp_dir.exists()  # a temporary download is removed
+    storage.remove_tree(f"{root}/data")
+    assert not storage.path(f"{root}/data").exists()
+
+
+def test_missing_bucket_is_one_sentence(gcs):
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_bucket("gs://no-such-bucket-here/run")
+    msg = str(e.value)
+    assert "gs://no-such-bucket-here" in msg and "does not exist" in msg
+    assert "gcloud auth application-default login" in msg and "\n" not in msg
