@@ -77,6 +77,18 @@ def bucket_of(p: PathLike) -> str:
     return os.fspath(path(p))[len("gs://"):].split("/", 1)[0]
 
 
+def _no_listings_cache() -> None:
+    """gcsfs caches directory listings, but tensorstore (orbax's arrays) and other processes write to the same
+    bucket behind its back: a cached listing would hide a new checkpoint or metrics line. Listings are fetched
+    afresh (fsspec's per-protocol defaults apply to every gcsfs instance, epath's included)."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+
+
+_no_listings_cache()
+
+
 def _gcs():
     """The gcsfs file system epath uses for gs:// (one per process)."""
     from etils.epath import backend
@@ -226,3 +238,9 @@ def remove_tree(p: PathLike) -> None:
         shutil.rmtree(local)
     elif local.exists():
         local.unlink()
+
+
+def absolute(p: PathLike) -> epath.Path:
+    """`path(p)`, made absolute if local (gs:// paths already are)."""
+    target = path(p)
+    return target if is_remote(target) else epath.Path(os.path.abspath(os.fspath(target)))

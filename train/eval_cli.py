@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 HELP = "evaluate a checkpoint: held-out loss, perplexity, bits per byte"
 EXAMPLE = ("llama-jax eval runs/debug-cpu                       # latest checkpoint, the run's own eval data\n"
@@ -32,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
+    from llama_jax.storage import StorageError
     from llama_jax_train import checkpoint as ckpt_lib
     from llama_jax_train.data import DataError
     from llama_jax_train.loop import TrainingError
@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    except (ConfigError, ShardingError, DataError, ckpt_lib.CheckpointError, TrainingError) as e:
+    except (ConfigError, ShardingError, DataError, ckpt_lib.CheckpointError, TrainingError, StorageError) as e:
         print(f"llama-jax eval: {e}", file=sys.stderr)
         return 2
 
@@ -47,12 +47,16 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import yaml
 
+    from llama_jax import storage
     from llama_jax.config import ConfigError
     from llama_jax_train import checkpoint as ckpt_lib
     from llama_jax_train.config import from_dict
     from llama_jax_train.loop import evaluate, load_weights, setup
 
-    path = Path(args.checkpoint)
+    path = storage.path(args.checkpoint)
+    storage.check_bucket(path, write=False)
+    if args.data:
+        storage.check_bucket(storage.path(args.data), write=False)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist.")
     run_dir = None
