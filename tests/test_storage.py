@@ -81,3 +81,62 @@ def test_missing_bucket_is_one_sentence(gcs):
     msg = str(e.value)
     assert "gs://no-such-bucket-here" in msg and "does not exist" in msg
     assert "gcloud auth application-default login" in msg and "\n" not in msg
+
+
+def _tree_equal(a, b) -> None:
+    import jax
+    import numpy as np
+
+    fa, fb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [k for k, _ in fa] == [k for k, _ in fb]
+    for (k, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(k))
+
+
+def test_convert_into_and_out_of_a_bucket(gcs, tmp_path, capsys):
+    """`llama-jax convert` HF -> gs:// HF -> gs:// orbax -> local HF and Meta; every copy holds the same tensors,
+    and `load` reads gs:// HF (downloaded) and gs:// orbax (in place)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax import PRESETS, Llama
+    from llama_jax.cli import main
+    from llama_jax.convert import load, save
+
+    cfg = PRESETS["tiny"]
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32)))["params"]
+    save(cfg, params, tmp_path / "hf", format="hf")
+    bucket = gcs.bucket()
+    assert main(["convert", str(tmp_path / "hf"), f"{bucket}/hf", "--to", "hf"]) == 0
+    assert (storage.path(f"{bucket}/hf") / "config.json").exists()
+    assert main(["convert", f"{bucket}/hf", f"{bucket}/orbax", "--to", "orbax"]) == 0
+    assert main(["convert", f"{bucket}/orbax", str(tmp_path / "back"), "--to", "hf"]) == 0
+    assert main(["convert", f"{bucket}/hf", str(tmp_path / "meta"), "--to", "meta"]) == 0
+    for where in (f"{bucket}/hf", f"{bucket}/orbax", tmp_path / "back", tmp_path / "meta"):
+        got_cfg, got = load(where)
+        assert got_cfg.dim == cfg.dim and got_cfg.n_layers == cfg.n_layers
+        _tree_equal(got, params)
+    # the output must not exist yet, as for a local directory: one line, status 1, nothing changed
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "hf"), f"{bucket}/hf", "--to", "hf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bucket}/hf already exists" in err, err
+
+
+def test_generate_from_a_bucket(gcs, tiny_run, capsys):
+    """`llama-jax generate` reads an orbax checkpoint in a bucket in place, and HF weights and a tokenizer from a
+    bucket through local copies: the same greedy text as from the local run."""
+    from llama_jax.cli import main
+
+    bucket = gcs.bucket()
+    storage.write_bytes_atomic(f"{bucket}/tokenizer.model", (tiny_run["data"] / "tokenizer.model").read_bytes())
+    assert main(["convert", str(tiny_run["run"]), f"{bucket}/orbax", "--to", "orbax"]) == 0
+    assert main(["convert", str(tiny_run["run"]), f"{bucket}/hf", "--to", "hf"]) == 0
+    capsys.readouterr()
+    texts = []
+    for ckpt, tok in ((str(tiny_run["run"]), []), (f"{bucket}/orbax", ["--tokenizer", f"{bucket}/tokenizer.model"]),
+                      (f"{bucket}/hf", [])):  # the HF copy carries the tokenizer (convert writes it beside)
+        assert main(["generate", ckpt, *tok, "--prompt", "ROMEO:", "--max-new-tokens", "8"]) == 0, ckpt
+        texts.append(capsys.readouterr().out)
+    assert texts[0] and texts[1] == texts[0] and texts[2] == texts[0], texts

@@ -41,11 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.convert import ConvertError
+    from llama_jax.storage import StorageError
 
     t0 = time.perf_counter()
     try:
         out = _lora(args) if args.to == "peft" or args.merge_lora else _convert(args)
-    except ConvertError as e:
+    except (ConvertError, StorageError) as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
@@ -53,8 +54,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace):
+    from llama_jax import storage
     from llama_jax.convert import convert, detect_format
 
+    storage.check_bucket(args.src, write=False)  # gs:// paths: the buckets answer before any work starts
+    storage.check_bucket(args.dst)
     fmt = detect_format(args.src)
     print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", flush=True)
     return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
