@@ -251,6 +251,28 @@ def test_preflight_missing_data_directory(tmp_path):
     assert report.failures[0].startswith(f"process 0 ({HOST}): data.path directory {missing} does not exist here")
 
 
+def test_preflight_storage_in_a_bucket(gcs, tmp_path):
+    """run_dir and data on gs:// (a Cloud Storage emulator): a bucket that exists passes and keeps no probe object;
+    a missing run_dir or data bucket is one line naming the bucket and the credentials to check."""
+    from llama_jax import storage
+    from llama_jax_train.config import load_config
+
+    bucket = gcs.bucket()
+    cfg = load_config(write_config(tmp_path, tmp_path / "run"), [f"run_dir={bucket}/runs/r1"])
+    report = preflight.check(cfg, NO_COMPILE)
+    assert report.ok, report.failures
+    assert any(n.startswith(f"storage      {bucket}/runs/r1/checkpoints") for n in report.notes), report.notes
+    assert not storage.path(f"{bucket}/runs").exists()  # probes removed: an empty prefix is no directory
+    cfg = load_config(write_config(tmp_path, tmp_path / "run"), ["run_dir=gs://no-such-bucket-x/r1"])
+    failures = preflight.check(cfg, NO_COMPILE).failures
+    assert len(failures) == 1 and "bucket gs://no-such-bucket-x (for gs://no-such-bucket-x/r1) does not exist" in \
+        failures[0] and "gcloud auth application-default login" in failures[0], failures
+    report = preflight.check(cfg_with(tmp_path, data={"synthetic": False, "path": "gs://no-such-data-bkt/d"}),
+                             NO_COMPILE)
+    assert len(report.failures) == 1 and report.failures[0].startswith(
+        f"process 0 ({HOST}): data.path: bucket gs://no-such-data-bkt (for gs://no-such-data-bkt/d) does not exist")
+
+
 def test_preflight_memory_estimate_against_device_memory(tmp_path, monkeypatch):
     cfg = cfg_with(tmp_path)
     report = preflight.check(cfg, dataclasses.replace(NO_COMPILE, memory=True, device_memory_gib=1.0))
