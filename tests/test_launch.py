@@ -108,6 +108,23 @@ def test_two_processes_train_like_one(tmp_path, reference):
     assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
 
 
+def test_two_processes_train_in_a_bucket(gcs, tmp_path, reference):
+    """run_dir on gs:// (a Cloud Storage emulator) from 2 processes: preflight sees one shared bucket prefix,
+    both write their parts of each orbax checkpoint, and the losses are the one-process run's."""
+    from llama_jax import storage
+
+    run_dir = f"{gcs.bucket()}/runs/two"
+    config = write_config(tmp_path, run_dir)
+    rc, out, _ = run_local(config, "--processes", "2", "--devices-per-process", "4", "--preflight-timeout", "60",
+                           "--no-compile")
+    assert rc == 0, out
+    assert f"[0] preflight ok: storage      {run_dir}/checkpoints shared and writable" in out, out
+    recs = [json.loads(line) for line in (storage.path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert_same_losses([(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r], reference)
+    assert (storage.path(run_dir) / "checkpoints" / "4" / "commit_success.txt").exists()
+    assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
+
+
 def test_four_processes_train_like_one(tmp_path, reference):
     config = write_config(tmp_path, tmp_path / "run")
     rc, out, _ = run_local(config, "--processes", "4", "--devices-per-process", "2", "--preflight-timeout", "90",
