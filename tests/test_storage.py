@@ -215,3 +215,22 @@ def test_lora_run_in_a_bucket_exports_its_adapter(gcs, tmp_path, compile_cache):
     assert "adapter_model.safetensors" in local and "adapter_config.json" in local
     for name in local:
         assert (storage.path(f"{bucket}/adapter") / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError("Forbidden: b/bkt/o\nsa@p.iam.gserviceaccount.com does not have storage.objects.list access"),
+     "permission denied"),  # what gcsfs raises for HTTP 403
+    (RuntimeError("401 Unauthorized: Invalid Credentials"), "no usable credentials"),
+])
+def test_denied_bucket_is_one_sentence(monkeypatch, error, reason):
+    """The emulator grants everything, so the failure gcsfs raises for a 403 / 401 is injected at its call."""
+    class Denied:
+        def call(self, *args, **kwargs):
+            raise error
+
+    monkeypatch.setattr(storage, "_gcs", lambda: Denied())
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_bucket("gs://bkt/run")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write to bucket gs://bkt (for gs://bkt/run): {reason};") and "\n" not in msg
+    assert "gcloud auth application-default login" in msg and "service account" in msg
