@@ -1,6 +1,7 @@
 """gs:// end to end against a real Cloud Storage emulator (fake-gcs-server, see conftest.gcs): a training run whose
 run_dir is in a bucket is SIGKILLed and resumed bit for bit, its metrics.jsonl keeps every line up to the
-checkpoint it resumes from, and `llama-jax eval` reads the run out of the bucket.
+checkpoint it resumes from, `llama-jax eval` reads the run out of the bucket, and `llama-jax convert` takes it out
+to Hugging Face (judged by transformers) and back into the bucket.
 
 Runs are real subprocesses (`python -m llama_jax.cli ...`) on 8 CPU devices, like tests/test_train_loop.py."""
 
@@ -13,10 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
+import transformers
 import yaml
 
-from llama_jax import storage
+from llama_jax import Llama, storage
+from llama_jax.cli import main
+from llama_jax.convert import load
 from llama_jax_train.metrics import read_metrics
 import test_train_loop as local_run
 from test_train_loop import BASE as LOCAL_BASE
@@ -101,3 +109,18 @@ def test_train_in_a_bucket_sigkill_resume_exact_and_eval(gcs, tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     final_eval = [r for r in read_metrics(run_dir) if "eval_loss" in r][-1]
     assert result["step"] == 40 and result["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-6), out
+
+    # convert out of the bucket to Hugging Face (transformers is the judge of the logits), and back into the bucket
+    assert main(["convert", run_dir, str(tmp_path / "hf"), "--to", "hf"]) == 0
+    cfg, params = load(run_dir)
+    tokens = (np.arange(16)[None] * 7 + 1) % cfg.vocab_size
+    ours = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    assert main(["convert", str(tmp_path / "hf"), f"{bucket}/from-hf", "--to", "hf"]) == 0
+    back_cfg, back = load(f"{bucket}/from-hf")
+    assert back_cfg.dim == cfg.dim
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -132,9 +132,10 @@ def test_convert_into_and_out_of_a_bucket(gcs, tmp_path, capsys):
     assert err.count("\n") == 0 and f"{bucket}/hf already exists" in err, err
 
 
-def test_generate_from_a_bucket(gcs, tiny_run, capsys):
+def test_generate_and_eval_from_a_bucket(gcs, tiny_run, capsys):
     """`llama-jax generate` reads an orbax checkpoint in a bucket in place, and HF weights and a tokenizer from a
-    bucket through local copies: the same greedy text as from the local run."""
+    bucket through local copies: the same greedy text as from the local run; `llama-jax eval` of the HF copy in
+    the bucket gives the local run's held-out loss."""
     from llama_jax.cli import main
 
     bucket = gcs.bucket()
@@ -148,6 +149,12 @@ def test_generate_from_a_bucket(gcs, tiny_run, capsys):
         assert main(["generate", ckpt, *tok, "--prompt", "ROMEO:", "--max-new-tokens", "8"]) == 0, ckpt
         texts.append(capsys.readouterr().out)
     assert texts[0] and texts[1] == texts[0] and texts[2] == texts[0], texts
+    losses = []
+    for ckpt in (str(tiny_run["run"]), f"{bucket}/hf"):
+        assert main(["eval", ckpt, "--data", str(tiny_run["data"]), "--batches", "2", "--batch-size", "8",
+                     "--seq-len", "32"]) == 0, ckpt
+        losses.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5), losses
 
 
 def test_init_from_a_bucket(gcs, tmp_path, compile_cache):

@@ -45,6 +45,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        return _evaluate(args, stack)
+
+
+def _evaluate(args: argparse.Namespace, stack) -> int:
+    """gs:// weights that are not orbax are read from a temporary local copy (`stack` removes it)."""
     import yaml
 
     from llama_jax import storage
@@ -59,6 +67,12 @@ def _run(args: argparse.Namespace) -> int:
         storage.check_bucket(storage.path(args.data), write=False)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist.")
+    try:
+        from llama_jax.convert import staged
+
+        path = storage.path(stack.enter_context(staged(path)))
+    except ImportError:
+        pass
     run_dir = None
     step = None
     try:
@@ -112,9 +126,9 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(s, params, cfg.train.eval_batches)
     if not result:
         raise ConfigError("the evaluation data gave no tokens to score.")
-    out = {"checkpoint": str(path), "step": step, **result}
+    out = {"checkpoint": args.checkpoint, "step": step, **result}
     bpb = result.get("eval_bits_per_byte")
-    where = f"step {step}" if step is not None else str(path)
+    where = f"step {step}" if step is not None else args.checkpoint
     print(f"{where}: held-out loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}"
           + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f", over {result['eval_tokens']:,} tokens")
     print(json.dumps(out))  # the machine-readable line, last
