@@ -124,3 +124,22 @@ def test_train_in_a_bucket_sigkill_resume_exact_and_eval(gcs, tmp_path):
     assert back_cfg.dim == cfg.dim
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bucket_run_profile_and_an_interrupted_save(gcs, tmp_path, capsys):
+    """In a bucket: a profile window is traced locally and uploaded to run_dir/profile/; a step that a kill left
+    without orbax's commit marker is not resumed from, and is written again."""
+    run_dir = f"{gcs.bucket()}/runs/prof"
+    config = write_config(tmp_path, "prof", run_dir)
+    assert main(["train", "--config", str(config), "--set", "train.steps=4", "--set", "train.eval_batches=0",
+                 "--set", "logging.profile={start_step: 2, steps: 2}"]) == 0
+    assert f"profile of steps 2-3 written to {run_dir}/profile" in capsys.readouterr().out
+    profile = [str(p) for p in storage._gcs().find(f"{run_dir}/profile")]
+    for suffix in (".xplane.pb", ".trace.json.gz"):
+        assert len([p for p in profile if p.endswith(suffix)]) == 1, profile
+    # What a kill in the middle of saving step 6 leaves on Cloud Storage: objects, no commit_success.txt.
+    storage.write_bytes_atomic(f"{run_dir}/checkpoints/6/params/half-written", b"\0" * 100)
+    assert main(["train", "--config", str(config), "--set", "train.steps=6", "--set", "train.eval_batches=0"]) == 0
+    assert f"resumed from {run_dir}/checkpoints/4" in capsys.readouterr().out
+    assert checkpoint_steps(run_dir) == [4, 6]
+    assert not (storage.path(run_dir) / "checkpoints" / "6" / "params" / "half-written").exists()

@@ -7,8 +7,9 @@ Eval lines: {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"?, "eva
 Only process 0 writes. On resume, lines past the restored step are dropped so the file reads as one run.
 In a gs:// run_dir (objects cannot be appended to) lines are kept in memory and the object is rewritten with them
 every `UPLOAD_EVERY_S` seconds, at every checkpoint and at the end (`flush`): every line up to the last
-checkpoint is in the bucket, which is all a resume keeps. TensorBoard events go to the bucket through
-tensorboardX's own gs:// writer.
+checkpoint is in the bucket, which is all a resume keeps. TensorBoard events are written into a local temporary
+directory and uploaded to run_dir/tensorboard/ at the same times (tensorboardX's own gs:// writer uploads its
+whole file again when garbage-collected, after close, and waits minutes for a bucket it cannot reach).
 
 MFU = tokens/s · FLOPs/token / (peak FLOP/s of all devices), FLOPs/token from `llama_jax_train.scaling.flops`
 (6·N_matmul + 12·L·H·Q·T, PaLM's convention; `mfu_causal` counts half the attention term). Peaks come
@@ -128,6 +129,8 @@ class MetricsLogger:
         self._pending: list[str] = []  # gs:// only: lines not yet uploaded
         self._uploaded = time.monotonic()
         self._tb = None
+        self._tb_staging: Any = None  # gs:// only: the local directory the events are written to
+        self.tensorboard_dir = storage.path(run_dir) / "tensorboard"
         self._bar = None
         if not enabled:
             return
@@ -140,8 +143,14 @@ class MetricsLogger:
                 from tensorboardX import SummaryWriter
 
                 # purge_step drops events past the resume point, like truncate_after does for the JSONL.
-                self._tb = SummaryWriter(os.fspath(storage.path(run_dir) / "tensorboard"),
-                                         purge_step=start_step or None)
+                if self.remote:
+                    import tempfile
+
+                    self._tb_staging = tempfile.TemporaryDirectory(prefix="llama-jax-tensorboard-")
+                    tb_dir = self._tb_staging.name
+                else:
+                    tb_dir = os.fspath(storage.path(run_dir) / "tensorboard")
+                self._tb = SummaryWriter(tb_dir, purge_step=start_step or None)
             except ImportError:
                 self._tb = None
         interactive = progress == "on" or (progress == "auto" and sys.stderr.isatty())
@@ -193,15 +202,19 @@ class MetricsLogger:
         storage.append_lines(self.path, self._pending)
         self._pending = []
         self._uploaded = time.monotonic()
+        if self._tb_staging is not None:
+            if self._tb is not None:
+                self._tb.flush()
+            storage.upload_dir(self._tb_staging.name, self.tensorboard_dir)
 
     def flush(self) -> None:
         """Make every line logged so far durable (called before each checkpoint)."""
-        if self._pending:
+        if self._tb is not None:
+            self._tb.flush()
+        if self.remote and self.enabled:
             self._upload()
         if self._file is not None:
             self._file.flush()
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -210,8 +223,11 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        if self._pending:
+        if self.remote and self.enabled:
             self._upload()
+        if self._tb_staging is not None:
+            self._tb_staging.cleanup()
+            self._tb_staging = None
         if self._file is not None:
             self._file.close()
             self._file = None
