@@ -305,6 +305,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
         say = lambda text: None  # noqa: E731
     run_dir = storage.path(cfg.run_dir)
     storage.check_bucket(run_dir)  # a gs:// run_dir: bucket, credentials and permission, before any work
+    if cfg.train.init_from:
+        storage.check_bucket(cfg.train.init_from, write=False)
     _check_data(cfg)
     if prepared is not None and prepared.cfg != cfg:
         raise TrainingError("the prepared setup was built for another run config; pass the Setup of this one.")
