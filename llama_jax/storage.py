@@ -198,7 +198,9 @@ def download(p: PathLike, dst: LocalPath) -> LocalPath:
         rel = {root: ""}
     else:
         found = fs.find(root, detail=True)
-        entries = {("gs://" + k if not k.startswith("gs://") else k): v["size"] for k, v in found.items()}
+        # (zero-size "folder/" placeholder objects that some tools create are not files)
+        entries = {("gs://" + k if not k.startswith("gs://") else k): v["size"] for k, v in found.items()
+                   if v.get("type") != "directory" and not k.endswith("/")}
         rel = {k: k[len(root):].lstrip("/") for k in entries}
     for key, size in entries.items():
         out = dst / rel[key] if rel[key] else dst
