@@ -41,8 +41,9 @@ CREDENTIALS_HINT = ("check the credentials (`gcloud auth application-default log
                     "service account and its storage roles on a cloud VM)")
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# Cloud Storage bucket names: 3-63 characters (222 with dots), lower-case letters, digits, '-', '_', '.'.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# The characters of Cloud Storage bucket names: lower-case letters, digits, '-', '_', '.' (a name of the wrong
+# length is left to the bucket check, which says the bucket does not exist).
+_BUCKET = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
 
 class StorageError(ValueError):
