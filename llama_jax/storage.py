@@ -224,9 +224,13 @@ def upload_dir(src: PathLike, dst: PathLike, last: Iterable[str] = ()) -> None:
     files = sorted(f for f in src_dir.rglob("*") if f.is_file())
     ordered = [f for f in files if str(f.relative_to(src_dir)) not in last] + \
               [src_dir / name for name in last if (src_dir / name).is_file()]
-    fs = _gcs()
     for f in ordered:
-        fs.put_file(str(f), f"{root}/{f.relative_to(src_dir).as_posix()}")
+        upload_file(f, f"{root}/{f.relative_to(src_dir).as_posix()}")
+
+
+def upload_file(src: PathLike, dst: PathLike) -> None:
+    """Upload local file `src` to gs:// `dst`, streamed (one object, visible when complete)."""
+    _gcs().put_file(os.fspath(src), os.fspath(path(dst)))
 
 
 def remove_tree(p: PathLike) -> None:

@@ -241,3 +241,19 @@ def test_denied_bucket_is_one_sentence(monkeypatch, error, reason):
     msg = str(e.value)
     assert msg.startswith(f"cannot write to bucket gs://bkt (for gs://bkt/run): {reason};") and "\n" not in msg
     assert "gcloud auth application-default login" in msg and "service account" in msg
+
+
+def test_gguf_into_and_out_of_a_bucket(gcs, tiny_run, tmp_path):
+    """A .gguf file written into a bucket (one streamed upload) and read back out of it (a local copy) holds
+    the run's weights."""
+    pytest.importorskip("gguf", reason="the gguf package (in the test extra) is needed for GGUF")
+    from llama_jax.cli import main
+    from llama_jax.convert import load
+
+    bucket = gcs.bucket()
+    assert main(["convert", str(tiny_run["run"]), f"{bucket}/m.gguf", "--to", "gguf", "--gguf-type", "f32"]) == 0
+    assert storage.path(f"{bucket}/m.gguf").read_bytes()[:4] == b"GGUF"
+    assert main(["convert", f"{bucket}/m.gguf", str(tmp_path / "hf"), "--to", "hf"]) == 0
+    _, want = load(tiny_run["run"])
+    _, got = load(tmp_path / "hf")
+    _tree_equal(got, want)

@@ -304,8 +304,8 @@ def _to_bucket(write: Callable[[Path], Any], dst: str | os.PathLike) -> Any:
     with tempfile.TemporaryDirectory(prefix="llama-jax-convert-") as tmp:
         local = Path(tmp) / target.name
         out = Path(write(local))
-        if out.is_file():
-            storage.write_bytes_atomic(target, out.read_bytes())
+        if out.is_file():  # a .gguf file
+            storage.upload_file(out, target)
             return target
         from llama_jax.convert.orbax import COMMIT_MARKER
 
