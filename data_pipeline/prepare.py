@@ -144,12 +144,9 @@ def _worker_init(tokenizer_path: str, sha256: str) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from llama_jax.storage import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def run_unit(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 HELP = "continue text prompts with a checkpoint (greedy or temperature / top-k / top-p sampling)"
 EXAMPLE = ("llama-jax generate /models/llama2-7b --tokenizer /models/llama2-7b/tokenizer.model "
@@ -67,20 +66,38 @@ def _lora_run(ckpt: Path):
 
 
 def _run(args: argparse.Namespace) -> int:
-    ckpt = Path(args.checkpoint)
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        return _generate(args, stack)
+
+
+def _generate(args: argparse.Namespace, stack) -> int:
+    """gs:// weights that are not orbax, and a gs:// tokenizer, are read from temporary local copies (`stack`
+    removes them); orbax checkpoints are read in place."""
+    from llama_jax import storage
+    from llama_jax.convert import staged
+
+    for given in (args.checkpoint, args.tokenizer):
+        if given is not None:
+            storage.check_bucket(given, write=False)
+    ckpt = storage.path(args.checkpoint)
     if not ckpt.exists():
         raise ValueError(f"checkpoint {ckpt} does not exist.")
-    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+    if args.tokenizer is not None and not storage.path(args.tokenizer).exists():
         raise ValueError(f"tokenizer file {args.tokenizer} does not exist.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    ckpt = storage.path(stack.enter_context(staged(ckpt)))
 
     from llama_jax.convert import find_tokenizer
 
-    tok_path = Path(args.tokenizer) if args.tokenizer is not None else find_tokenizer(ckpt)
+    tok_path = storage.path(args.tokenizer) if args.tokenizer is not None else find_tokenizer(ckpt)
     if tok_path is None:
         raise ValueError(f"no tokenizer found for {ckpt} (no tokenizer.model beside it, and it is not inside a "
                          f"training run whose data manifest names one); pass --tokenizer FILE.")
+    if storage.is_remote(tok_path):
+        tok_path = stack.enter_context(storage.local_copy(tok_path))
 
     import jax
 

@@ -431,7 +431,9 @@ def run_tokenizer(checkpoint: str | os.PathLike) -> Path | None:
 
     import yaml
 
-    p = Path(checkpoint).absolute()
+    from llama_jax import storage
+
+    p = storage.absolute(checkpoint)  # local or gs:// (the file returned may then be on gs:// too)
     run = next((d for d in (p, p.parent, p.parent.parent)
                 if (d / "config.yaml").is_file() and (d / "checkpoints").is_dir()), None)
     if run is None:
@@ -443,7 +445,10 @@ def run_tokenizer(checkpoint: str | os.PathLike) -> Path | None:
     path = data.get("path") if isinstance(data, dict) and not data.get("synthetic") else None
     dirs = list(path) if isinstance(path, (list, dict)) else [path] if isinstance(path, str) else []
     for d in dirs:
-        manifest = Path(str(d)) / "manifest.json"
+        try:
+            manifest = storage.path(str(d)) / "manifest.json"
+        except ValueError:
+            continue
         try:
             info = json.loads(manifest.read_text())["tokenizer"]
             name, sha = info["file"], info["sha256"]

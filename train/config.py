@@ -305,7 +305,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML run config (or start empty when `path` is None) and apply `--set` overrides."""
     d: Any = {}
     if path is not None:
-        path = Path(path)
+        from llama_jax.storage import StorageError
+        from llama_jax.storage import path as storage_path
+
+        try:
+            path = storage_path(path)  # a local file or gs://BUCKET/...
+        except StorageError as e:
+            raise ConfigError(f"config file {e}") from None
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
         try:
@@ -376,9 +382,27 @@ def validate(cfg: RunConfig) -> None:
            f"distributed.initialize must be auto, always or never, got {cfg.distributed.initialize!r}.")
     if cfg.lora is not None:
         _validate_lora(cfg.lora)
+    _check_paths(cfg)
     _check(cfg.distributed.initialization_timeout > 0,
            f"distributed.initialization_timeout must be positive (seconds), got "
            f"{cfg.distributed.initialization_timeout}.")
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """Every path setting names a local path or gs://BUCKET/... (never a local folder called "gs:")."""
+    from llama_jax.storage import StorageError, path
+
+    def dirs(value: Any) -> list[Any]:
+        return list(value) if isinstance(value, (dict, list, tuple)) else [value]
+
+    named = [("run_dir", cfg.run_dir), ("train.init_from", cfg.train.init_from)]
+    named += [("data.path", v) for v in dirs(cfg.data.path)] + [("data.eval_path", v) for v in dirs(cfg.data.eval_path)]
+    for key, value in named:
+        if isinstance(value, str):
+            try:
+                path(value)
+            except StorageError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 def _validate_lora(lo: LoraConfig) -> None:

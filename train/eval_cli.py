@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 HELP = "evaluate a checkpoint: held-out loss, perplexity, bits per byte"
 EXAMPLE = ("llama-jax eval runs/debug-cpu                       # latest checkpoint, the run's own eval data\n"
@@ -32,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.config import ConfigError
+    from llama_jax.storage import StorageError
     from llama_jax_train import checkpoint as ckpt_lib
     from llama_jax_train.data import DataError
     from llama_jax_train.loop import TrainingError
@@ -39,22 +39,40 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    except (ConfigError, ShardingError, DataError, ckpt_lib.CheckpointError, TrainingError) as e:
+    except (ConfigError, ShardingError, DataError, ckpt_lib.CheckpointError, TrainingError, StorageError) as e:
         print(f"llama-jax eval: {e}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        return _evaluate(args, stack)
+
+
+def _evaluate(args: argparse.Namespace, stack) -> int:
+    """gs:// weights that are not orbax are read from a temporary local copy (`stack` removes it)."""
     import yaml
 
+    from llama_jax import storage
     from llama_jax.config import ConfigError
     from llama_jax_train import checkpoint as ckpt_lib
     from llama_jax_train.config import from_dict
     from llama_jax_train.loop import evaluate, load_weights, setup
 
-    path = Path(args.checkpoint)
+    path = storage.path(args.checkpoint)
+    storage.check_bucket(path, write=False)
+    if args.data:
+        storage.check_bucket(storage.path(args.data), write=False)
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist.")
+    try:
+        from llama_jax.convert import staged
+
+        path = storage.path(stack.enter_context(staged(path)))
+    except ImportError:
+        pass
     run_dir = None
     step = None
     try:
@@ -113,9 +131,9 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(s, params, cfg.train.eval_batches, frozen=frozen)
     if not result:
         raise ConfigError("the evaluation data gave no tokens to score.")
-    out = {"checkpoint": str(path), "step": step, **result}
+    out = {"checkpoint": args.checkpoint, "step": step, **result}
     bpb = result.get("eval_bits_per_byte")
-    where = f"step {step}" if step is not None else str(path)
+    where = f"step {step}" if step is not None else args.checkpoint
     print(f"{where}: held-out loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}"
           + (f", {bpb:.4f} bits/byte" if bpb is not None else "") + f", over {result['eval_tokens']:,} tokens")
     print(json.dumps(out))  # the machine-readable line, last

@@ -17,13 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import storage
 from llama_jax_train import checkpoint as ckpt_lib
 from llama_jax_train import data as data_lib
 from llama_jax_train import sharding as sh
@@ -71,18 +71,26 @@ class _StopSignals:
 class _Profiler:
     """`logging.profile: {start_step: S, steps: K}`: a `jax.profiler` trace of steps S .. S+K-1 (counted from 1)
     written to `directory` (TensorBoard's profile plugin or Perfetto read it). Every process traces its own
-    devices; the files are named after the host."""
+    devices; the files are named after the host. The profiler writes local files only: for a gs:// directory
+    the trace goes to a local temporary directory and is uploaded when it ends."""
 
-    def __init__(self, directory: Path, window: dict | None, say: Callable[[str], None]):
+    def __init__(self, directory: Any, window: dict | None, say: Callable[[str], None]):
         self.directory, self.say = directory, say
+        self._staging: Any = None
         self.first = window["start_step"] if window else None
         self.last = window["start_step"] + window["steps"] - 1 if window else None
         self.active = False
 
     def before(self, step: int) -> None:
         if step == self.first:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
+            if storage.is_remote(self.directory):
+                import tempfile
+
+                self._staging = tempfile.TemporaryDirectory(prefix="llama-jax-profile-")
+                target = self._staging.name
+            else:
+                target = str(storage.makedirs(self.directory))
+            jax.profiler.start_trace(target)
             self.active = True
 
     def after(self, step: int) -> None:
@@ -94,6 +102,10 @@ class _Profiler:
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
+            if self._staging is not None:
+                storage.upload_dir(self._staging.name, self.directory)
+                self._staging.cleanup()
+                self._staging = None
 
 
 def _any_process(flag: bool) -> bool:
@@ -185,7 +197,7 @@ def load_weights(path: str, model: LlamaConfig, abstract_params: Any, shardings:
     reads (Meta, Hugging Face; loaded on the host, then placed). Returns (params, the source's config)."""
     from llama_jax.model import stack_layers, unstack_layers
 
-    p = Path(path)
+    p = storage.path(path)
     if not p.exists():
         raise TrainingError(f"weights {path} do not exist.")
     try:
@@ -291,7 +303,10 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     say = log or (lambda text: print(text, flush=True))
     if not primary:
         say = lambda text: None  # noqa: E731
-    run_dir = Path(cfg.run_dir)
+    run_dir = storage.path(cfg.run_dir)
+    storage.check_bucket(run_dir)  # a gs:// run_dir: bucket, credentials and permission, before any work
+    if cfg.train.init_from:
+        storage.check_bucket(cfg.train.init_from, write=False)
     _check_data(cfg)
     if prepared is not None and prepared.cfg != cfg:
         raise TrainingError("the prepared setup was built for another run config; pass the Setup of this one.")
@@ -333,10 +348,8 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     local = next(train_iter) if start < t.steps else None
     data_state = train_iter.get_state()
     if primary:
-        from llama_jax_data.prepare import _atomic_write_text
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        storage.makedirs(run_dir)
+        storage.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     if ckpt is None:
         ckpt = ckpt_lib.Checkpointer(ckpt_dir, **ckpt_kw)
 
@@ -365,6 +378,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
         nonlocal saved_step
         states = ckpt_lib.allgather_json([block_index, data_state])
         by_block = {b: st for b, st in states}
+        metrics.flush()  # every metrics line up to this step is durable before the checkpoint that keeps it
         ckpt.save(step, state, cfg.model, [by_block[b] for b in range(block_count)],
                   {"run_config": cfg.to_dict(), "process_count": jax.process_count()})
         saved_step = step

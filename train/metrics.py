@@ -5,6 +5,11 @@ Each line of `run_dir/metrics.jsonl` is one JSON object. Train lines:
      "z_loss"?, "skipped"?}
 Eval lines: {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"?, "eval_tokens"}.
 Only process 0 writes. On resume, lines past the restored step are dropped so the file reads as one run.
+In a gs:// run_dir (objects cannot be appended to) lines are kept in memory and the object is rewritten with them
+every `UPLOAD_EVERY_S` seconds, at every checkpoint and at the end (`flush`): every line up to the last
+checkpoint is in the bucket, which is all a resume keeps. TensorBoard events are written into a local temporary
+directory and uploaded to run_dir/tensorboard/ at the same times (tensorboardX's own gs:// writer uploads its
+whole file again when garbage-collected, after close, and waits minutes for a bucket it cannot reach).
 
 MFU = tokens/s · FLOPs/token / (peak FLOP/s of all devices), FLOPs/token from `llama_jax_train.scaling.flops`
 (6·N_matmul + 12·L·H·Q·T, PaLM's convention; `mfu_causal` counts half the attention term). Peaks come
@@ -22,7 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llama_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
+UPLOAD_EVERY_S = 30.0  # a gs:// run_dir's metrics.jsonl is rewritten at most this often (and at checkpoints)
 
 
 def flops_per_token(model_cfg: Any, seq_len: int, causal: bool = False) -> float:
@@ -59,6 +67,7 @@ def peak_source(override_per_device: float | None = None) -> str:
 
 def truncate_after(path: Path, step: int) -> None:
     """Drop lines whose step is beyond `step` (written by a run that was killed before its next checkpoint)."""
+    path = storage.path(path)
     if not path.is_file():
         return
     kept = []
@@ -69,13 +78,11 @@ def truncate_after(path: Path, step: int) -> None:
             continue  # a half-written last line from a kill
         if int(rec.get("step", 0)) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    storage.write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    p = Path(path)
+    p = storage.path(path)
     if p.is_dir():
         p = p / METRICS_FILE
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -116,21 +123,34 @@ class MetricsLogger:
                  tensorboard: bool = True, progress: str = "auto", stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stdout
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = storage.path(run_dir) / METRICS_FILE
+        self.remote = storage.is_remote(run_dir)
         self._file = None
+        self._pending: list[str] = []  # gs:// only: lines not yet uploaded
+        self._uploaded = time.monotonic()
         self._tb = None
+        self._tb_staging: Any = None  # gs:// only: the local directory the events are written to
+        self.tensorboard_dir = storage.path(run_dir) / "tensorboard"
         self._bar = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run_dir)
         truncate_after(self.path, start_step)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one line
+        if not self.remote:
+            self._file = open(os.fspath(self.path), "a", buffering=1)  # line-buffered: a kill loses at most one line
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
                 # purge_step drops events past the resume point, like truncate_after does for the JSONL.
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+                if self.remote:
+                    import tempfile
+
+                    self._tb_staging = tempfile.TemporaryDirectory(prefix="llama-jax-tensorboard-")
+                    tb_dir = self._tb_staging.name
+                else:
+                    tb_dir = os.fspath(storage.path(run_dir) / "tensorboard")
+                self._tb = SummaryWriter(tb_dir, purge_step=start_step or None)
             except ImportError:
                 self._tb = None
         interactive = progress == "on" or (progress == "auto" and sys.stderr.isatty())
@@ -157,7 +177,13 @@ class MetricsLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) and k != "loss" else v)
                   for k, v in record.items()}
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        line = json.dumps(record, allow_nan=True)
+        if self.remote:
+            self._pending.append(line)
+            if time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
+                self._upload()
+        else:
+            self._file.write(line + "\n")
         step = int(record["step"])
         if self._tb is not None:
             for k, v in record.items():
@@ -172,11 +198,23 @@ class MetricsLogger:
             if postfix:
                 self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
 
+    def _upload(self) -> None:
+        storage.append_lines(self.path, self._pending)
+        self._pending = []
+        self._uploaded = time.monotonic()
+        if self._tb_staging is not None:
+            if self._tb is not None:
+                self._tb.flush()
+            storage.upload_dir(self._tb_staging.name, self.tensorboard_dir)
+
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        """Make every line logged so far durable (called before each checkpoint)."""
         if self._tb is not None:
             self._tb.flush()
+        if self.remote and self.enabled:
+            self._upload()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -185,6 +223,11 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.remote and self.enabled:
+            self._upload()
+        if self._tb_staging is not None:
+            self._tb_staging.cleanup()
+            self._tb_staging = None
         if self._file is not None:
             self._file.close()
             self._file = None

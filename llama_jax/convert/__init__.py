@@ -20,18 +20,27 @@ devices as soon as it is read, so host memory stays small when the devices are a
 shards are read whole by every host that loads them; orbax restores onto a mesh read only each host's
 chunks. Dtypes are kept as stored unless `dtype` asks for a cast. Bad input fails with a
 `ConvertError` that names the file and the tensor.
+
+gs:// (Cloud Storage, `llama_jax.storage`): orbax checkpoints are read in place (orbax reads buckets itself);
+Meta, Hugging Face, GGUF and peft sources are downloaded into a temporary directory first (their readers —
+torch.load, safetensors, gguf — need local files), and outputs to gs:// are written into a temporary local
+directory and uploaded when complete, the file that makes the directory recognisable (config.json,
+params.json, an orbax step's commit_success.txt) last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from llama_jax import storage
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.common import ConvertError, Source, TreeSource, dtype_name, flatten, key_str, np_dtype
 
@@ -47,7 +56,7 @@ def detect_format(path: str | os.PathLike) -> str:
     from llama_jax.convert.gguf import is_gguf
     from llama_jax.convert.orbax import is_orbax
 
-    p = Path(path)
+    p = storage.path(path)
     if not p.exists():
         raise ConvertError(f"{p}: no such file or directory.")
     if is_gguf(p):
@@ -118,6 +127,9 @@ def load(path: str | os.PathLike, *, dtype: Any = None, shardings: Any = None,
     read one at a time and placed before the next is read."""
     from llama_jax.convert.peft import is_peft
 
+    if _needs_staging(path):
+        with staged(path) as local:
+            return load(local, dtype=dtype, shardings=shardings, base=base)
     if is_peft(path):
         return _load_peft(path, base, dtype=dtype, shardings=shardings)
     fmt = detect_format(path)
@@ -178,6 +190,9 @@ def save(cfg: LlamaConfig, params: Any, path: str | os.PathLike, format: str = "
     generation_config.json)."""
     if format not in FORMATS:
         raise ConvertError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
+    if storage.is_remote(path):
+        return _to_bucket(lambda local: save(cfg, params, local, format=format, num_shards=num_shards, dtype=dtype,
+                                             gguf_type=gguf_type, tokenizer=tokenizer), path)
     if format == "gguf":
         if num_shards != 1 or dtype is not None:
             raise ConvertError("GGUF output is one file whose tensor types gguf_type sets; num_shards and dtype "
@@ -226,6 +241,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
     `gguf.find_tokenizer`)."""
     if to not in FORMATS:
         raise ConvertError(f"unknown format {to!r}; expected one of {', '.join(FORMATS)}.")
+    kw = dict(num_shards=num_shards, dtype=dtype, scan_layers=scan_layers, gguf_type=gguf_type, tokenizer=tokenizer)
+    if storage.is_remote(dst):
+        return _to_bucket(lambda local: convert(src, local, to, **kw), dst)
+    if _needs_staging(src):
+        with staged(src) as local:
+            return convert(local, dst, to, **kw)
     if scan_layers and to != "orbax":
         raise ConvertError("scan_layers (stacked layers) applies to orbax output only; Meta and HF files are per layer.")
     if to == "gguf":
@@ -251,12 +272,61 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shar
         return _write(source, dst, to, num_shards, dtype, tokenizer)
 
 
+def _needs_staging(path: str | os.PathLike) -> bool:
+    """A gs:// checkpoint that is not orbax (whose readers need local files)."""
+    from llama_jax.convert.orbax import is_orbax
+
+    return storage.is_remote(path) and not is_orbax(path)
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike) -> Iterator[Any]:
+    """`path` itself, or for a gs:// Meta/HF/GGUF/peft checkpoint a local temporary copy of it (removed on exit)."""
+    if not _needs_staging(path):
+        yield path
+        return
+    storage.check_bucket(path, write=False)
+    if not storage.path(path).exists():
+        raise ConvertError(f"{path}: no such file or directory.")
+    with storage.local_copy(path) as local:
+        yield local
+
+
+def _to_bucket(write: Callable[[Path], Any], dst: str | os.PathLike) -> Any:
+    """Run `write(local_dir)` into a temporary directory, then upload the result to gs:// `dst` (see the
+    module docstring); `dst` must not exist yet, like a local output."""
+    import tempfile
+
+    storage.check_bucket(dst)
+    target = storage.path(dst)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConvertError(f"output {dst} already exists and is not an empty directory; choose a new path.")
+    with tempfile.TemporaryDirectory(prefix="llama-jax-convert-") as tmp:
+        local = Path(tmp) / target.name
+        out = Path(write(local))
+        if out.is_file():  # a .gguf file
+            storage.upload_file(out, target)
+            return target
+        from llama_jax.convert.orbax import COMMIT_MARKER
+
+        # orbax on Cloud Storage counts a step as finished once its commit_success.txt exists: add the markers
+        # a locally written (renamed into place) checkpoint lacks, and upload them last.
+        markers = []
+        for step in [d for d in out.iterdir() if d.is_dir() and d.name.isdigit()]:
+            for d in [step, *(c for c in step.iterdir() if c.is_dir())]:
+                (d / COMMIT_MARKER).write_text(f"Checkpoint commit was successful to {target / d.relative_to(out)}")
+                markers.append(str((d / COMMIT_MARKER).relative_to(out)))
+        last = [m for m in markers if m.count("/") == 2] + [m for m in markers if m.count("/") == 1]
+        storage.upload_dir(out, target, last=["config.json", "params.json", *last])
+    return target
+
+
 def find_tokenizer(src: str | os.PathLike) -> Path | None:
     """The tokenizer that goes with the checkpoint at `src`: `tokenizer.model` beside it, else, for a training
     run, the one its data manifest records (`llama_jax.tokenizer.run_tokenizer`); None if there is none."""
     from llama_jax.tokenizer import run_tokenizer
 
-    beside = [Path(src) / f for f in TOKENIZER_FILES if (Path(src) / f).is_file()]
+    beside = [storage.path(src) / f for f in TOKENIZER_FILES if (storage.path(src) / f).is_file()]
     if beside:
         return beside[0]
     try:

@@ -42,11 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from llama_jax.convert import ConvertError
+    from llama_jax.storage import StorageError
 
     t0 = time.perf_counter()
     try:
         out = _lora(args) if args.to == "peft" or args.merge_lora else _convert(args)
-    except ConvertError as e:
+    except (ConvertError, StorageError) as e:
         print(f"llama-jax convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
@@ -54,8 +55,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace):
+    from llama_jax import storage
     from llama_jax.convert import convert, detect_format
 
+    storage.check_bucket(args.src, write=False)  # gs:// paths: the buckets answer before any work starts
+    storage.check_bucket(args.dst)
     fmt = detect_format(args.src)
     print(f"converting {args.src} ({fmt}) -> {args.dst} ({args.to})", flush=True)
     return convert(args.src, args.dst, args.to, num_shards=args.num_shards, dtype=args.dtype,
@@ -64,11 +68,13 @@ def _convert(args: argparse.Namespace):
 
 def _lora(args: argparse.Namespace):
     """A LoRA run's adapter (--to peft) or base + adapter merged; a peft directory merged into its base."""
-    from pathlib import Path
-
-    from llama_jax.convert import ConvertError, load, save
+    from llama_jax import storage
+    from llama_jax.convert import ConvertError, _to_bucket, load, save
     from llama_jax.convert.peft import is_peft
 
+    storage.check_bucket(args.src, write=False)
+    if storage.is_remote(args.dst):  # written locally, then uploaded (see llama_jax.convert)
+        return _to_bucket(lambda local: _lora(_with(args, dst=str(local))), args.dst)
     if is_peft(args.src):
         if args.to == "peft":
             raise ConvertError(f"{args.src} is already a peft adapter.")
@@ -78,14 +84,18 @@ def _lora(args: argparse.Namespace):
 
             from llama_jax_train.adapters import gguf_tokenizer
 
-            named = json.loads((Path(args.src) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            named = json.loads((storage.path(args.src) / "adapter_config.json").read_text()).get("base_model_name_or_path")
             tok = args.tokenizer or gguf_tokenizer(args.src, args.base or named)
             return save(cfg, params, args.dst, format="gguf", num_shards=args.num_shards, dtype=args.dtype,
                         gguf_type=args.gguf_type, tokenizer=tok)
         return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
-    if not Path(args.src).exists():
+    if not storage.path(args.src).exists():
         raise ConvertError(f"{args.src}: no such file or directory.")
     from llama_jax_train.adapters import export
 
     return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
                   num_shards=args.num_shards, gguf_type=args.gguf_type, tokenizer=args.tokenizer)
+
+
+def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})

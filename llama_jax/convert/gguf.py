@@ -559,9 +559,11 @@ def _f32(v: float) -> float:
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    p = Path(path)
+    from llama_jax import storage
+
+    p = storage.path(path)  # local or gs://
     if not p.is_file():
         return False
-    with open(p, "rb") as f:
+    with p.open("rb") as f:
         return f.read(4) == b"GGUF"
 

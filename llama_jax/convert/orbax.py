@@ -31,6 +31,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from llama_jax import storage
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.convert.common import (
     ConvertError,
@@ -150,17 +151,23 @@ def _ocp():
     return ocp
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax's "this step is complete" object on Cloud Storage
+
+
 def _is_step_dir(p: Path) -> bool:
     return (p / "params").is_dir()
 
 
 def _steps(p: Path) -> list[Path]:
-    # Finished steps only: orbax writes "<step>.orbax-checkpoint-tmp-*" and renames it to "<step>" when done.
-    return [c for c in p.iterdir() if c.is_dir() and c.name.isdigit() and _is_step_dir(c)] if p.is_dir() else []
+    # Finished steps only: orbax writes "<step>.orbax-checkpoint-tmp-*" and renames it to "<step>" when done;
+    # on gs:// (no rename) it writes the step in place and marks it finished with commit_success.txt.
+    remote = storage.is_remote(p)
+    return [c for c in p.iterdir() if c.is_dir() and c.name.isdigit() and _is_step_dir(c)
+            and (not remote or (c / COMMIT_MARKER).exists())] if p.is_dir() else []
 
 
 def is_orbax(path: str | os.PathLike) -> bool:
-    p = Path(path)
+    p = storage.path(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     return p.is_dir() and (_is_step_dir(p) or bool(_steps(p)))
@@ -168,7 +175,7 @@ def is_orbax(path: str | os.PathLike) -> bool:
 
 def find_step_dir(path: str | os.PathLike) -> Path:
     """A run directory, a manager directory (→ its latest finished step) or a step directory → the step directory."""
-    p = Path(path).absolute()
+    p = storage.absolute(path)
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if _is_step_dir(p):
