@@ -71,6 +71,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from llama_jax import storage
 from llama_jax_data.prepare import read_manifest
 
 __all__ = [
@@ -101,14 +102,14 @@ _STATE_VERSION = 1
 
 def llama1_mixture(root: str | os.PathLike) -> dict[str, float]:
     """{root/name: weight} for LLaMA-1's seven sources, each prepared into its own directory."""
-    return {str(Path(root) / name): w for name, w in LLAMA1_MIXTURE.items()}
+    return {os.fspath(storage.path(root) / name): w for name, w in LLAMA1_MIXTURE.items()}
 
 
 def parse_mixture(data) -> list[tuple[str, float]]:
     """[(data_dir, weight)] with zero weights dropped, from any accepted form of `data`."""
     if isinstance(data, (str, os.PathLike)):
-        p = Path(data)
-        if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
+        p = storage.path(data)  # local or gs://
+        if p.suffix in (".json", ".yaml", ".yml") and p.is_file():
             if p.suffix == ".json":
                 spec = json.loads(p.read_text())
             else:
@@ -117,9 +118,10 @@ def parse_mixture(data) -> list[tuple[str, float]]:
                 spec = yaml.safe_load(p.read_text())
             if not isinstance(spec, Mapping):
                 raise ValueError(f"mixture file {p} must hold a mapping {{data_dir: weight}}")
-            items = [(str(p.parent / k) if not os.path.isabs(k) else k, v) for k, v in spec.items()]
+            items = [(os.fspath(p.parent / k) if not (os.path.isabs(k) or k.startswith("gs://")) else k, v)
+                     for k, v in spec.items()]
         else:
-            items = [(str(p), 1.0)]
+            items = [(os.fspath(data), 1.0)]
     elif isinstance(data, Mapping):
         items = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, Sequence):
@@ -188,10 +190,14 @@ class PreparedData:
         shards = self.manifest["shards"]
         if not shards:
             raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {Path(path) / 'manifest.json'})")
+        # gs://: the index files are copied into a local cache folder now, each shard when first read
+        # (ArrayRecord's reader needs a local file; see `_fetch_index`).
+        self._remote = storage.is_remote(path)
+        root = self._fetch_index(shards) if self._remote else Path(path)
         lengths, self._block_starts = [], []
         for s in shards:
-            lp, bp = Path(path) / s["lengths"], Path(path) / s["blocks"]
-            if not all(p.is_file() for p in (lp, bp, Path(path) / s["file"])):
+            lp, bp = root / s["lengths"], root / s["blocks"]
+            if not all(p.is_file() for p in (lp, bp) + (() if self._remote else (root / s["file"],))):
                 raise FileNotFoundError(f"prepared directory {path} is missing {s['file']}, {s['lengths']} or {s['blocks']}")
             arr, blocks = np.load(lp), np.load(bp).astype(np.int64)
             if len(arr) != s["documents"]:
@@ -207,7 +213,7 @@ class PreparedData:
         self._token_starts = np.zeros(self.num_documents + 1, np.int64)
         np.cumsum(self.lengths, out=self._token_starts[1:])
         self.tokenizer_sha256 = self.manifest["tokenizer"]["sha256"]
-        self._shard_paths = [str(Path(path) / s["file"]) for s in shards]
+        self._shard_paths = [str(root / s["file"]) for s in shards]
         self._shard_starts = np.cumsum([0] + [s["documents"] for s in shards])
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
@@ -216,7 +222,7 @@ class PreparedData:
         self._masks = []
         if self.has_masks:
             for s, n in zip(shards, np.diff(self._shard_starts)):
-                mp = Path(path) / s.get("masks", "")
+                mp = root / s.get("masks", "")
                 if "masks" not in s or not mp.is_file():
                     raise FileNotFoundError(f"prepared directory {path} is missing the loss masks of {s['file']}")
                 m = np.load(mp, mmap_mode="r")
@@ -225,6 +231,24 @@ class PreparedData:
                     raise ValueError(f"{mp} has {len(m)} masks; the shard has {s['tokens']} tokens")
                 self._masks.append(m)
 
+    def _fetch_index(self, shards: list[dict]) -> Path:
+        """For a gs:// directory: its local cache folder (`storage.cache_dir(path, "data")/FINGERPRINT`, so a
+        re-prepared directory never reuses old copies), with every lengths/blocks/masks file downloaded into
+        it; every shard is checked to exist (one listing) and is downloaded on first read."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        root = storage.cache_dir(self.path, "data") / self.manifest["fingerprint"][:16]
+        present = storage.file_sizes(self.path)
+        index = [n for s in shards for n in (s["lengths"], s["blocks"], s.get("masks")) if n]
+        missing = [n for n in [s["file"] for s in shards] + index if n not in present]
+        if missing:
+            raise FileNotFoundError(f"prepared directory {self.path} is missing {', '.join(missing[:3])}"
+                                    + (f" and {len(missing) - 3} more files" if len(missing) > 3 else ""))
+        remote = storage.path(self.path)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: storage.download(remote / n, root / n), index))
+        return root
+
     def _reader(self, shard: int):
         # One reader per shard, opened on first use; ArrayRecord readers are safe to share between threads.
         if self._readers[shard] is None:
@@ -232,6 +256,9 @@ class PreparedData:
 
             with self._lock:
                 if self._readers[shard] is None:
+                    if self._remote:  # first use: the whole shard into the cache (kept; skipped if there)
+                        local = Path(self._shard_paths[shard])
+                        storage.download(storage.path(self.path) / local.name, local)
                     # readahead off: reads are random, one record (a group_size:1 chunk) at a time.
                     self._readers[shard] = ArrayRecordReader(self._shard_paths[shard], "readahead_buffer_size:0")
         return self._readers[shard]

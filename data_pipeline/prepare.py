@@ -56,6 +56,7 @@ from llama_jax_data.sources import (
     iter_document_batches,
     iter_documents,
 )
+from llama_jax import storage
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = ["prepare", "plan_units", "read_manifest", "FORMAT_VERSION", "MANIFEST"]
@@ -333,10 +334,10 @@ def _pool_context(tok: Tokenizer):
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a prepared directory, with a clear error where there is none."""
-    path = Path(data_dir) / MANIFEST
+    """The manifest of a prepared directory (local or gs://), with a clear error where there is none."""
+    path = storage.path(data_dir) / MANIFEST
     if not path.is_file():
-        hint = " (preparation was interrupted; re-run `llama-jax prepare` to finish it)" if (Path(data_dir) / PROGRESS).exists() else ""
+        hint = " (preparation was interrupted; re-run `llama-jax prepare` to finish it)" if (storage.path(data_dir) / PROGRESS).exists() else ""
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no {MANIFEST}{hint}")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -443,6 +444,14 @@ def prepare(
         raise ValueError("pass either a tokenizer file or train_tokenizer=True with a vocab_size, not both or neither")
     if train_tokenizer and not vocab_size:
         raise ValueError("training a tokenizer needs a vocab_size (--vocab-size N)")
+    if tokenizer is not None and storage.is_remote(tokenizer):  # read from a local copy (kept in the cache)
+        tokenizer = storage.download(tokenizer, storage.cache_dir(tokenizer, "tokenizer"))
+    if storage.is_remote(output):  # (a URL of another scheme, or gs:/x, is refused here in one sentence)
+        options = dict(text_field=text_field, split_blank_lines=split_blank_lines, fmt=fmt, record_format=record_format,
+                       template=template, train_tokenizer=train_tokenizer, vocab_size=vocab_size,
+                       tokenizer_sample_bytes=tokenizer_sample_bytes, workers=workers, unit_bytes=unit_bytes,
+                       overwrite=overwrite, progress=progress, max_units=max_units)
+        return _prepare_remote(inputs, output, tokenizer, options, log)
     out = Path(output)
     # Check first, write after: inputs and a given tokenizer are checked before the output directory exists.
     files = expand_inputs(inputs, fmt)
@@ -470,7 +479,8 @@ def prepare(
         fingerprint = _fingerprint(
             {
                 "format_version": FORMAT_VERSION,
-                "inputs": [[str(Path(f.path).resolve()) if f.format != "hf" else f.path, h] for f, h in zip(files, hashes)],
+                "inputs": [[f.path if f.format == "hf" or f.path.startswith("gs://") else str(Path(f.path).resolve()), h]
+                           for f, h in zip(files, hashes)],
                 "tokenizer": tok.sha256,
                 "options": options,
                 "unit_bytes": unit_bytes,
@@ -559,6 +569,64 @@ def prepare(
         for e in manifest["errors"]:
             log(f"warning: {e['file']}: {e['reason']} ({e['error']}); {e['documents_before_error']} documents read before it were kept")
         return manifest
+
+
+def _prepare_remote(inputs, output, tokenizer, options: dict, log) -> dict:
+    """`prepare` into gs://: the same checks first (inputs, tokenizer, then the bucket), then the work in a
+    local staging folder (`storage.cache_dir(output, "prepare")`, kept while unfinished so that a re-run
+    resumes), then an upload: the old manifest removed first, stale shards deleted, every file, and
+    `manifest.json` last, so the bucket directory is complete exactly when its manifest exists."""
+    remote = storage.path(output)
+    files = expand_inputs(inputs, options["fmt"])
+    if not files:
+        raise ValueError("no inputs given")
+    if options["record_format"] != "text":
+        _check_records(files, options["record_format"], options["template"], options["train_tokenizer"])
+    else:
+        for f in files:
+            check_input(f, options["text_field"])
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)
+    storage.check_bucket(remote, write=True)
+    stage = storage.cache_dir(remote, "prepare")
+    remote_files = storage.file_sizes(remote)
+    fresh = not (stage / MANIFEST).exists() and not (stage / PROGRESS).exists()
+    stage.mkdir(parents=True, exist_ok=True)
+    if fresh and MANIFEST in remote_files:
+        # Prepared earlier: its small files let the staged run find it up to date (or different) without
+        # tokenizing again.
+        for name in (MANIFEST, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE):
+            if name in remote_files:
+                storage.download(remote / name, stage / name)
+    url = os.fspath(remote)
+
+    def remote_log(msg: str) -> None:
+        log(msg.replace(str(stage), url))
+
+    try:
+        manifest = prepare(inputs, stage, tokenizer, **options, log=remote_log)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise type(e)(str(e).replace(str(stage), url)) from None
+    if not manifest.get("fingerprint"):
+        log(f"the finished shards wait in {stage} (not uploaded yet); re-run the same command to finish")
+        return manifest
+    new = (stage / MANIFEST).read_bytes()
+    if MANIFEST in remote_files and (remote / MANIFEST).read_bytes() == new:
+        shutil.rmtree(stage)
+        return manifest
+    if MANIFEST in remote_files:
+        (remote / MANIFEST).unlink()  # incomplete from here until the new manifest lands
+    keep = {name for name in os.listdir(stage) if name != LOCK and ".tmp." not in name and not name.startswith(".tokenizer-training")}
+    for name in remote_files:
+        if name.startswith("shard-") and name not in keep:
+            (remote / name).unlink()  # a shard of an earlier, different preparation
+    t0 = time.perf_counter()
+    for name in sorted(keep - {MANIFEST}) + [MANIFEST]:
+        storage.upload_file(stage / name, remote / name)
+    nbytes = sum((stage / name).stat().st_size for name in keep)
+    log(f"uploaded {len(keep)} files ({nbytes / 1e6:.1f} MB) to {url} in {time.perf_counter() - t0:.1f} s, manifest.json last")
+    shutil.rmtree(stage)
+    return manifest
 
 
 def _check_records(files: Sequence[InputFile], record_format: str, template: str | None, train_tokenizer: bool) -> None:
