@@ -169,6 +169,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
 def _expand_remote(s: str, fmt: str | None) -> list[tuple[str, int]]:
     """[(gs:// file, size)] for a gs:// input: one object, a glob, or a "directory" (every object under it
     with a known extension), in sorted order; nothing found is an error, as for local inputs."""
+    storage.check_bucket(s, write=False)  # no such bucket / no credentials: one sentence naming the bucket
     if any(c in s for c in "*?["):
         files = sorted(storage.glob_sizes(s).items())
         if not files:
