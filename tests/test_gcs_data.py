@@ -206,3 +206,65 @@ def test_bad_gcs_input_is_one_line(gcs, tmp_path, cache, monkeypatch, capfd, dat
     err = capfd.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() and not cache.exists()
+
+
+# A stand-in trainer (tests/test_scaling.py's, writing through llama_jax.storage): the run dir is in the bucket.
+FAKE_TRAINER = """
+import json, sys, yaml
+from llama_jax import storage
+from llama_jax_train.scaling.flops import param_count
+cfg = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
+rd = storage.path(cfg["run_dir"])
+n, steps = param_count(cfg["model"]), cfg["train"]["steps"]
+d = steps * cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"]
+loss = 1.69337 + 406.401 / n ** 0.339171 + 410.723 / d ** 0.284908
+lines = [json.dumps({"step": s, "loss": loss + 1.0 / s}) for s in range(1, steps + 1)]
+storage.write_text_atomic(rd / "metrics.jsonl", "\\n".join(lines + [json.dumps({"step": steps, "eval_loss": loss})]) + "\\n")
+storage.write_text_atomic(rd / "config.yaml", yaml.safe_dump(cfg))
+print("trained", cfg["run_dir"])
+"""
+
+
+def test_scaling_plan_run_collect_in_a_bucket(gcs, tmp_path, monkeypatch, capfd):
+    import csv
+    import io
+    import sys
+
+    from llama_jax.cli import main
+    from llama_jax_train.scaling import fit as F
+
+    bucket = gcs.bucket()
+    storage.write_text_atomic(f"{bucket}/data/manifest.json",
+                              json.dumps({"tokens": 10**9, "tokenizer": {"vocab_size": 256}}))
+    plan = f"{bucket}/sweeps/s1"
+    monkeypatch.chdir(tmp_path)
+    assert main(["scaling", "plan", "--budgets", "1e13,1e14", "--sizes", "2e5,1e6", "--data", f"{bucket}/data",
+                 "--out", plan, "--seq-len", "64", "--min-steps", "5"]) == 0
+    runs = json.loads((storage.path(plan) / "plan.json").read_text())["runs"]
+    assert len(runs) == 4 and all(r["model"]["vocab_size"] == 256 for r in runs)  # read from the bucket's manifest
+    cfg = yaml.safe_load((storage.path(plan) / "configs" / f"{runs[0]['name']}.yaml").read_text())
+    assert cfg["data"]["path"] == f"{bucket}/data" and cfg["run_dir"] == f"{plan}/runs/{runs[0]['name']}"
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER)
+    trainer = f"{sys.executable} {fake} --config {{config}}"
+    assert main(["scaling", "run", plan, "--trainer", trainer]) == 0
+    for r in runs:  # each run's log uploaded next to the plan
+        assert (storage.path(plan) / "logs" / f"{r['name']}.log").read_text().startswith(f"trained {plan}/runs/")
+    capfd.readouterr()
+    assert main(["scaling", "run", plan, "--trainer", trainer]) == 0
+    assert capfd.readouterr().out.count("finished earlier, skipped") == 4
+    assert main(["scaling", "collect", plan]) == 0
+    rows = list(csv.DictReader(io.StringIO((storage.path(plan) / "runs.csv").read_text())))
+    assert len(rows) == 4 and {r["loss_source"] for r in rows} == {"eval"}
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(float(F.CHINCHILLA.loss(float(r["params"]), float(r["tokens"]))), rel=1e-9)
+    assert list(tmp_path.iterdir()) == [fake]  # nothing local but the stand-in trainer
+
+    # bad places: one line, exit 2
+    capfd.readouterr()
+    assert main(["scaling", "plan", "--budgets", "1e13", "--sizes", "1e6", "--data", f"{bucket}/data", "--out",
+                 "gs://no-such-bucket/p", "--min-steps", "5"]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "bucket gs://no-such-bucket (for gs://no-such-bucket/p) does not exist" in err
+    assert main(["scaling", "collect", "gs:/x/plan"]) == 2
+    assert "a Cloud Storage path needs two slashes" in capfd.readouterr().err
