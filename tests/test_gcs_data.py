@@ -107,9 +107,18 @@ def test_prepare_inputs_from_a_bucket(gcs, text, tmp_path, cache):
     storage.upload_file(records, f"{bucket}/in/b/records.jsonl.gz")
     storage.upload_file(text, f"{bucket}/in/b/ignored.bin")  # unknown extension: left out of a directory
     local = _prepare([text, records], tmp_path / "local")
-    for inputs in ([f"{bucket}/in"], [f"{bucket}/in/a/shakespeare.txt", f"{bucket}/in/b/records.jsonl.gz"],
-                   [f"{bucket}/in/*/*.txt", f"{bucket}/in/b/*.gz"]):
-        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+    # Parquet: pyarrow reads the object through gcsfs
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet")
+    storage.upload_file(tmp_path / "docs.parquet", f"{bucket}/pq/docs.parquet")
+    from_bucket = _prepare([f"{bucket}/pq/docs.parquet"], tmp_path / "pq-remote")
+    assert from_bucket["sources"][0]["tokens"] == _prepare([tmp_path / "docs.parquet"], tmp_path / "pq-local")["sources"][0]["tokens"]
+    assert (tmp_path / "pq-remote" / "shard-00000.array_record").read_bytes() == (tmp_path / "pq-local" / "shard-00000.array_record").read_bytes()
+    for case, inputs in enumerate(([f"{bucket}/in"], [f"{bucket}/in/a/shakespeare.txt", f"{bucket}/in/b/records.jsonl.gz"],
+                   [f"{bucket}/in/*/*.txt", f"{bucket}/in/b/*.gz"])):
+        out = tmp_path / f"out{case}"
         m = _prepare(inputs, out, workers=2)
         assert [s["path"] for s in m["sources"]] == [f"{bucket}/in/a/shakespeare.txt", f"{bucket}/in/b/records.jsonl.gz"]
         assert [s["sha256"] for s in m["sources"]] == [s["sha256"] for s in local["sources"]]
@@ -144,6 +153,11 @@ def test_loader_reads_a_bucket_like_the_local_copy(gcs, text, tmp_path, cache):
         assert all(np.array_equal(a[k], b[k]) for k in a)
         resumed.close()
         local.close()
+    # a mixture file in the bucket, its directories relative to it
+    storage.write_text_atomic(f"{bucket}/mix.json", json.dumps({"data": 2.0, "data2": 1.0}))
+    a = next(make_loader(f"{bucket}/mix.json", **kw))
+    b = next(make_loader({str(local_dir): 2.0, str(tmp_path / "l2"): 1.0}, **kw))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
     copies = cache / "llama-jax" / "gcs" / "data" / bucket[len("gs://"):] / "data" / manifest["fingerprint"][:16]
     assert sorted(p.name for p in copies.iterdir()) == sorted(
         n for s in manifest["shards"] for n in (s["file"], s["lengths"], s["blocks"]))
