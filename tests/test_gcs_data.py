@@ -125,6 +125,16 @@ def test_prepare_inputs_from_a_bucket(gcs, text, tmp_path, cache):
         assert [(s["documents"], s["tokens"]) for s in m["sources"]] == [(s["documents"], s["tokens"]) for s in local["sources"]]
         for s, ls in zip(m["shards"], local["shards"]):
             assert (out / s["file"]).read_bytes() == (tmp_path / "local" / ls["file"]).read_bytes()
+    # the command line, everything in the bucket: inputs, tokenizer and output
+    from llama_jax.cli import main
+
+    storage.upload_file(TOKENIZER, f"{bucket}/tok/tokenizer.model")
+    assert main(["prepare", f"{bucket}/in", "--tokenizer", f"{bucket}/tok/tokenizer.model", "--output",
+                 f"{bucket}/out", "--split-blank-lines", "--unit-mb", str(30_000 / (1 << 20)), "--no-progress"]) == 0
+    m = json.loads((storage.path(f"{bucket}/out") / "manifest.json").read_text())
+    assert m["tokenizer"]["sha256"] == local["tokenizer"]["sha256"] and m["tokens"] == local["tokens"]
+    for s, ls in zip(m["shards"], local["shards"]):
+        assert (storage.path(f"{bucket}/out") / s["file"]).read_bytes() == (tmp_path / "local" / ls["file"]).read_bytes()
     with pytest.raises(FileNotFoundError, match="input gs://bkt-[0-9]+/in/nothing does not exist"):
         _prepare([f"{bucket}/in/nothing"], tmp_path / "none")
     assert not (tmp_path / "none").exists()
