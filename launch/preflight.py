@@ -319,8 +319,22 @@ def _data_dirs(cfg: Any) -> list[tuple[str, str]]:
     return out
 
 
+def _bucket_problem(p: str, write: bool) -> str | None:
+    """For a gs:// path: its bucket missing, no credentials or no permission, in one sentence (None if fine)."""
+    from llama_jax.storage import StorageError, check_bucket
+
+    try:
+        check_bucket(p, write=write)
+    except StorageError as e:
+        return str(e).rstrip(".")
+    return None
+
+
 def _check_data_dir(key: str, d: str) -> str | None:
-    p = Path(d)
+    problem = _bucket_problem(d, write=False)
+    if problem:
+        return f"data.{key}: {problem}"
+    p = _epath(d)
     if not p.is_dir():
         return f"data.{key} directory {d} does not exist here (prepare it with `llama-jax prepare ... --out {d}` " \
                f"on storage every host can read)"
@@ -336,12 +350,10 @@ def _check_data_dir(key: str, d: str) -> str | None:
 
 
 def _epath(path: str):
-    """A path object for local files and object stores alike (gs://...: orbax's own path library)."""
-    if "://" in path:
-        from etils import epath
+    """A path object for local files and gs:// alike (`llama_jax.storage`)."""
+    from llama_jax import storage
 
-        return epath.Path(path)
-    return Path(path)
+    return storage.path(path)
 
 
 def _probe_name(token: str, process: int) -> str:
@@ -560,7 +572,7 @@ def _check_storage(run: _Run, token: str) -> None:
     """run_dir/checkpoints writable by every process and one directory they all see; data readable."""
     cfg, ex, hosts = run.cfg, run.ex, run.hosts
     ckpt_dir = str(_join(cfg.run_dir, "checkpoints"))
-    wrote = _write_probe(ckpt_dir, token, ex.index)
+    wrote = _bucket_problem(cfg.run_dir, write=True) or _write_probe(ckpt_dir, token, ex.index)
     data_problems = [m for m in (_check_data_dir(k, d) for k, d in _data_dirs(cfg)) if m]
     step1 = ex.allgather("storage", {"write": wrote, "data": data_problems})
     lines = _collapse([s["write"] for s in step1], hosts)

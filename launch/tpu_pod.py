@@ -14,8 +14,9 @@ On the workers everything lives in the home directory: `llama-jax/` (the checkou
 Python 3.12 virtual environment made with uv: TPU VM images ship an older Python), `llama-jax-config.yaml`,
 and `llama-jax-run.{log,pid,status}`. Runs resume by themselves: run `up` (or `run`) again with the same
 run_dir and the trainer continues from run_dir/checkpoints. A multi-host run_dir must be storage that every
-worker shares (an NFS/Filestore or gcsfuse mount at the same path; `--remote-setup` can mount it), which
-preflight checks on the pod.
+worker shares: a `gs://BUCKET/...` path (the usual choice: checkpoints, metrics and TensorBoard events go
+straight to Cloud Storage with the VM's service account, see `llama_jax.storage`), or an NFS/Filestore or
+gcsfuse mount at the same path (`--remote-setup` can mount it); preflight checks it on the pod.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 HELP = "create/reuse a Cloud TPU slice, copy and install the project, train on every worker, stream the log"
 EXAMPLE = ("launch/tpu_pod.sh up --project my-proj --zone us-east5-a --accelerator-type v5p-32 "
-           "--config configs/my-run.yaml --dry-run")
+           "--config configs/my-run.yaml --set run_dir=gs://my-bucket/runs/my-run --dry-run")
 
 ACTIONS = ("up", "create", "copy", "run", "logs", "stop", "delete")
 REPO = Path(__file__).resolve().parents[1]

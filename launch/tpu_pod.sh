@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cloud TPU slice launcher: a thin wrapper around launch/tpu_pod.py (standard library + gcloud only).
 #
-#   launch/tpu_pod.sh up --project P --zone us-east5-a --accelerator-type v5p-32 --config configs/my-run.yaml
+#   launch/tpu_pod.sh up --project P --zone us-east5-a --accelerator-type v5p-32 --config configs/my-run.yaml \
+#       --set run_dir=gs://my-bucket/runs/my-run    # checkpoints and metrics straight to Cloud Storage
 #   launch/tpu_pod.sh up ... --dry-run     # print every gcloud command, run none
 #   launch/tpu_pod.sh logs|stop|delete --project P --zone Z --accelerator-type v5p-32
 #

@@ -38,6 +38,11 @@ class Env:
     ckpts: Path
     case: Path
     monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
+
+    def emulator(self) -> None:
+        """Start (once a session) the Cloud Storage emulator of conftest.gcs and point the clients at it."""
+        self.request.getfixturevalue("gcs")
 
     def copy(self, src: Path, name: str) -> Path:
         dst = self.case / name
@@ -148,6 +153,13 @@ def _eval_damaged(e: Env) -> list[str]:
     return ["eval", str(run)]
 
 
+def _in_missing_bucket(argv: Callable[[Env], list[str]]) -> Callable[[Env], list[str]]:
+    def make(e: Env) -> list[str]:
+        e.emulator()
+        return argv(e)
+    return make
+
+
 def _generate_damaged(e: Env) -> list[str]:
     run = e.copy(e.run["run"], "run")
     _damage(run / "checkpoints" / "4")
@@ -203,6 +215,26 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], int, str, int]] = {
     # eval
     "eval-not-a-checkpoint": (lambda e: ["eval", str(e.case)], 2, "not a checkpoint directory", 0),
     "eval-damaged-checkpoint": (_eval_damaged, 2, "parameters cannot be read", 0),
+    # gs:// paths: another scheme or one slash is never a local folder; a missing bucket stops before any work
+    "train-run-dir-other-scheme": (lambda e: _train(e, "run_dir=s3://bkt/run"), 2,
+                                   "run_dir: s3://bkt/run: the s3:// scheme is not supported; expected a local path "
+                                   "or gs://BUCKET/PATH", 0),
+    "train-run-dir-one-slash": (lambda e: _train(e, "run_dir=gs:/bkt/run"), 2,
+                                "needs two slashes after gs:, e.g. gs://bkt/run", 0),
+    "train-init-from-one-slash": (lambda e: _train(e, "train.init_from=gs:bkt/w", f"run_dir={e.case / 'run'}"), 2,
+                                  "train.init_from: gs:bkt/w: a Cloud Storage path needs two slashes", 0),
+    "train-run-dir-missing-bucket": (_in_missing_bucket(lambda e: _train(e, "run_dir=gs://no-such-bkt-q/run")), 2,
+                                     "bucket gs://no-such-bkt-q (for gs://no-such-bkt-q/run) does not exist", 0),
+    "convert-to-missing-bucket": (_in_missing_bucket(lambda e: ["convert", str(e.ckpts / "hf"), "gs://no-such-bkt-q/o",
+                                                                "--to", "hf"]), 1,
+                                  "bucket gs://no-such-bkt-q (for gs://no-such-bkt-q/o) does not exist", 0),
+    "convert-from-other-scheme": (lambda e: ["convert", "s3://b/hf", str(e.case / "out"), "--to", "hf"], 1,
+                                  "s3://b/hf: the s3:// scheme is not supported", 0),
+    "eval-other-scheme": (lambda e: ["eval", "http://host/run"], 2, "the http:// scheme is not supported", 0),
+    "eval-missing-bucket": (_in_missing_bucket(lambda e: ["eval", "gs://no-such-bkt-q/run"]), 2,
+                            "bucket gs://no-such-bkt-q (for gs://no-such-bkt-q/run) does not exist", 0),
+    "generate-one-slash": (lambda e: ["generate", "gs:/bkt/x", "--prompt", "x"], 2,
+                           "gs:/bkt/x: a Cloud Storage path needs two slashes after gs:", 0),
 }
 
 
@@ -233,11 +265,11 @@ def _subprocess(argv: list[str], cwd: Path, cache: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_and_changes_nothing(name, tiny_run, ckpts, tmp_path, capfd, monkeypatch):
+def test_bad_input_is_one_line_and_changes_nothing(name, tiny_run, ckpts, tmp_path, capfd, monkeypatch, request):
     make, want_rc, needle, repeat = CASES[name]
     case = tmp_path / "case"
     case.mkdir()
-    env = Env(tiny_run, ckpts, case, monkeypatch)
+    env = Env(tiny_run, ckpts, case, monkeypatch, request)
     argv = make(env)
     monkeypatch.chdir(case)
     capfd.readouterr()

@@ -91,6 +91,8 @@ def test_train_in_a_bucket_sigkill_resume_exact_and_eval(gcs, tmp_path):
     assert sorted(got) == list(range(1, BASE["train"]["steps"] + 1)), "metrics.jsonl should read as one run"
     assert got == want, f"resumed losses differ:\n{got}\n{want}\n{ref_out}"
     assert checkpoint_steps(run_dir) == [36, 40]  # keep_last=2
+    # and nothing else: no step left unfinished by the kill, no temporary objects
+    assert sorted(p.name for p in (storage.path(run_dir) / "checkpoints").iterdir()) == ["36", "40"]
     events = list((storage.path(run_dir) / "tensorboard").iterdir())
     assert events and all(e.name.startswith("events.out.tfevents") for e in events)
 

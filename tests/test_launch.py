@@ -108,6 +108,23 @@ def test_two_processes_train_like_one(tmp_path, reference):
     assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
 
 
+def test_two_processes_train_in_a_bucket(gcs, tmp_path, reference):
+    """run_dir on gs:// (a Cloud Storage emulator) from 2 processes: preflight sees one shared bucket prefix,
+    both write their parts of each orbax checkpoint, and the losses are the one-process run's."""
+    from llama_jax import storage
+
+    run_dir = f"{gcs.bucket()}/runs/two"
+    config = write_config(tmp_path, run_dir)
+    rc, out, _ = run_local(config, "--processes", "2", "--devices-per-process", "4", "--preflight-timeout", "60",
+                           "--no-compile")
+    assert rc == 0, out
+    assert f"[0] preflight ok: storage      {run_dir}/checkpoints shared and writable" in out, out
+    recs = [json.loads(line) for line in (storage.path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert_same_losses([(r["step"], r["loss"], r["grad_norm"]) for r in recs if "loss" in r], reference)
+    assert (storage.path(run_dir) / "checkpoints" / "4" / "commit_success.txt").exists()
+    assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
+
+
 def test_four_processes_train_like_one(tmp_path, reference):
     config = write_config(tmp_path, tmp_path / "run")
     rc, out, _ = run_local(config, "--processes", "4", "--devices-per-process", "2", "--preflight-timeout", "90",
@@ -249,6 +266,28 @@ def test_preflight_missing_data_directory(tmp_path):
     report = preflight.check(cfg_with(tmp_path, data={"synthetic": False, "path": str(missing)}), NO_COMPILE)
     assert len(report.failures) == 1
     assert report.failures[0].startswith(f"process 0 ({HOST}): data.path directory {missing} does not exist here")
+
+
+def test_preflight_storage_in_a_bucket(gcs, tmp_path):
+    """run_dir and data on gs:// (a Cloud Storage emulator): a bucket that exists passes and keeps no probe object;
+    a missing run_dir or data bucket is one line naming the bucket and the credentials to check."""
+    from llama_jax import storage
+    from llama_jax_train.config import load_config
+
+    bucket = gcs.bucket()
+    cfg = load_config(write_config(tmp_path, tmp_path / "run"), [f"run_dir={bucket}/runs/r1"])
+    report = preflight.check(cfg, NO_COMPILE)
+    assert report.ok, report.failures
+    assert any(n.startswith(f"storage      {bucket}/runs/r1/checkpoints") for n in report.notes), report.notes
+    assert not storage.path(f"{bucket}/runs").exists()  # probes removed: an empty prefix is no directory
+    cfg = load_config(write_config(tmp_path, tmp_path / "run"), ["run_dir=gs://no-such-bucket-x/r1"])
+    failures = preflight.check(cfg, NO_COMPILE).failures
+    assert len(failures) == 1 and "bucket gs://no-such-bucket-x (for gs://no-such-bucket-x/r1) does not exist" in \
+        failures[0] and "gcloud auth application-default login" in failures[0], failures
+    report = preflight.check(cfg_with(tmp_path, data={"synthetic": False, "path": "gs://no-such-data-bkt/d"}),
+                             NO_COMPILE)
+    assert len(report.failures) == 1 and report.failures[0].startswith(
+        f"process 0 ({HOST}): data.path: bucket gs://no-such-data-bkt (for gs://no-such-data-bkt/d) does not exist")
 
 
 def test_preflight_memory_estimate_against_device_memory(tmp_path, monkeypatch):

@@ -8,6 +8,14 @@ import os
 import pytest
 
 from llama_jax import storage
+from train_helpers import fast_compile
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Fast compilation and one JAX compilation cache for this module's training runs."""
+    with fast_compile(tmp_path_factory.getbasetemp() / "storage-jax-cache"):
+        yield
 
 
 @pytest.mark.parametrize("bad, expected", [
@@ -140,3 +148,89 @@ def test_generate_from_a_bucket(gcs, tiny_run, capsys):
         assert main(["generate", ckpt, *tok, "--prompt", "ROMEO:", "--max-new-tokens", "8"]) == 0, ckpt
         texts.append(capsys.readouterr().out)
     assert texts[0] and texts[1] == texts[0] and texts[2] == texts[0], texts
+
+
+def test_init_from_a_bucket(gcs, tmp_path, compile_cache):
+    """`train.init_from` pointing into a bucket (Hugging Face weights, staged; an orbax run, read in place)
+    trains exactly as from the same weights on local disk."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import yaml
+
+    from llama_jax import PRESETS, Llama
+    from llama_jax.cli import main
+    from llama_jax.convert import save
+    from llama_jax_train.metrics import read_metrics
+
+    cfg = PRESETS["tiny"]
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(5), jnp.zeros((1, 4), jnp.int32)))["params"]
+    save(cfg, params, tmp_path / "hf", format="hf")
+    bucket = gcs.bucket()
+    save(cfg, params, f"{bucket}/hf", format="hf")
+    save(cfg, params, f"{bucket}/orbax", format="orbax")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"}, "data": {"synthetic": True, "seq_len": 32},
+        "train": {"global_batch_size": 8, "steps": 3, "eval_batches": 0, "loss_chunk": 16},
+        "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 0},
+        "logging": {"log_every": 1, "progress": "off", "tensorboard": False}, "run_dir": str(tmp_path / "r")}))
+    losses = {}
+    for name, src in (("local", tmp_path / "hf"), ("gs-hf", f"{bucket}/hf"), ("gs-orbax", f"{bucket}/orbax")):
+        run = tmp_path / name
+        assert main(["train", "--config", str(config), "--set", f"train.init_from={src}", "--set",
+                     f"run_dir={run}"]) == 0
+        losses[name] = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(losses["local"]) == 3 and losses["gs-hf"] == losses["local"] and losses["gs-orbax"] == losses["local"]
+
+
+def test_lora_run_in_a_bucket_exports_its_adapter(gcs, tmp_path, compile_cache):
+    """A LoRA run with run_dir and base weights in a bucket; `convert --to peft` from the bucket into the bucket
+    and onto local disk writes the same adapter."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import yaml
+
+    from llama_jax import PRESETS, Llama
+    from llama_jax.cli import main
+    from llama_jax.convert import save
+
+    cfg = PRESETS["tiny"]
+    params = nn.meta.unbox(Llama(cfg).init(jax.random.key(7), jnp.zeros((1, 4), jnp.int32)))["params"]
+    bucket = gcs.bucket()
+    save(cfg, params, f"{bucket}/base", format="hf")
+    config = tmp_path / "lora.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"}, "data": {"synthetic": True, "seq_len": 32},
+        "train": {"global_batch_size": 8, "steps": 2, "eval_batches": 0, "loss_chunk": 16,
+                  "init_from": f"{bucket}/base"},
+        "optim": {"lr": 5e-2, "warmup_steps": 0}, "checkpoint": {"every": 0},
+        "logging": {"log_every": 1, "progress": "off", "tensorboard": False},
+        "lora": {"rank": 4, "alpha": 16, "targets": ["wq", "wo"]}, "run_dir": f"{bucket}/lora-run"}))
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["convert", f"{bucket}/lora-run", f"{bucket}/adapter", "--to", "peft"]) == 0
+    assert main(["convert", f"{bucket}/lora-run", str(tmp_path / "adapter"), "--to", "peft"]) == 0
+    local = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_model.safetensors" in local and "adapter_config.json" in local
+    for name in local:
+        assert (storage.path(f"{bucket}/adapter") / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError("Forbidden: b/bkt/o\nsa@p.iam.gserviceaccount.com does not have storage.objects.list access"),
+     "permission denied"),  # what gcsfs raises for HTTP 403
+    (RuntimeError("401 Unauthorized: Invalid Credentials"), "no usable credentials"),
+])
+def test_denied_bucket_is_one_sentence(monkeypatch, error, reason):
+    """The emulator grants everything, so the failure gcsfs raises for a 403 / 401 is injected at its call."""
+    class Denied:
+        def call(self, *args, **kwargs):
+            raise error
+
+    monkeypatch.setattr(storage, "_gcs", lambda: Denied())
+    with pytest.raises(storage.StorageError) as e:
+        storage.check_bucket("gs://bkt/run")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write to bucket gs://bkt (for gs://bkt/run): {reason};") and "\n" not in msg
+    assert "gcloud auth application-default login" in msg and "service account" in msg

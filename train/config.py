@@ -305,7 +305,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML run config (or start empty when `path` is None) and apply `--set` overrides."""
     d: Any = {}
     if path is not None:
-        path = Path(path)
+        from llama_jax.storage import StorageError
+        from llama_jax.storage import path as storage_path
+
+        try:
+            path = storage_path(path)  # a local file or gs://BUCKET/...
+        except StorageError as e:
+            raise ConfigError(f"config file {e}") from None
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
         try:

@@ -67,19 +67,25 @@ def _convert(args: argparse.Namespace):
 
 def _lora(args: argparse.Namespace):
     """A LoRA run's adapter (--to peft) or base + adapter merged; a peft directory merged into its base."""
-    from pathlib import Path
-
-    from llama_jax.convert import ConvertError, load, save
+    from llama_jax import storage
+    from llama_jax.convert import ConvertError, _to_bucket, load, save
     from llama_jax.convert.peft import is_peft
 
+    storage.check_bucket(args.src, write=False)
+    if storage.is_remote(args.dst):  # written locally, then uploaded (see llama_jax.convert)
+        return _to_bucket(lambda local: _lora(_with(args, dst=str(local))), args.dst)
     if is_peft(args.src):
         if args.to == "peft":
             raise ConvertError(f"{args.src} is already a peft adapter.")
         cfg, params = load(args.src, base=args.base)
         return save(cfg, params, args.dst, format=args.to, num_shards=args.num_shards, dtype=args.dtype)
-    if not Path(args.src).exists():
+    if not storage.path(args.src).exists():
         raise ConvertError(f"{args.src}: no such file or directory.")
     from llama_jax_train.adapters import export
 
     return export(args.src, args.dst, args.to, merge=args.merge_lora, base=args.base, dtype=args.dtype,
                   num_shards=args.num_shards)
+
+
+def _with(args: argparse.Namespace, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})

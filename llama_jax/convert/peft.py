@@ -37,7 +37,9 @@ _PARENT = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "atten
 
 
 def is_peft(path: str | os.PathLike) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    from llama_jax import storage
+
+    return (storage.path(path) / ADAPTER_CONFIG).is_file()
 
 
 def hf_module(layer: int, kernel: str) -> str:
