@@ -432,10 +432,12 @@ def prepare(
     progress: bool = True,
     max_units: int | None = None,
     log=None,
+    upload: "_Uploader | None" = None,
 ) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (see the module docstring).
 
     `max_units` stops after that many units, as an interrupted run would (for tests and staged runs).
+    `upload` is internal (gs:// output, see `_prepare_remote`): it moves each finished shard to the bucket.
     `record_format` "alpaca" or "messages" reads JSONL instruction/chat records into examples with a loss
     mask (`llama_jax_data.instruct`; `template` names the chat template, default from the tokenizer).
     """
@@ -514,7 +516,8 @@ def prepare(
         for p in out.glob("shard-*.tmp.*"):  # half-written shards of a run that died
             p.unlink()
         # A shard renamed into place by a run that died before logging it is redone (same content).
-        done = {i: r for i, r in done.items() if r["shard"] is None or (out / r["shard"]).exists()}
+        done = {i: r for i, r in done.items()
+                if r["shard"] is None or (out / r["shard"]).exists() or (upload is not None and upload.has(r["shard"]))}
         if prev_fp is None:
             _atomic_write_text(progress_path, json.dumps({"fingerprint": fingerprint, "units": len(units)}) + "\n")
         elif done:
@@ -538,9 +541,13 @@ def prepare(
         with open(progress_path, "a") as plog, pool or contextlib.nullcontext():
 
             def record(stats: dict) -> None:
+                if upload is not None:
+                    upload.unit(out, stats)  # in the bucket before the progress log counts it
                 plog.write(json.dumps(stats) + "\n")
                 plog.flush()
                 os.fsync(plog.fileno())
+                if upload is not None:
+                    upload.progress(progress_path)
                 done[stats["unit"]] = stats
                 bar.update(stats["tokens"], stats["bytes"])
 
@@ -571,11 +578,57 @@ def prepare(
         return manifest
 
 
+class _Uploader:
+    """Moves each finished shard of a gs:// preparation into the bucket (its index files first, the shard last)
+    and deletes the local copies, so the staging folder holds only the shards being written; the progress log
+    follows each unit, so a re-run on any machine resumes. The bucket's old manifest is removed before the
+    first shard lands."""
+
+    def __init__(self, remote, present: set[str]):
+        self.remote, self.present = remote, set(present)
+
+    def has(self, name: str) -> bool:
+        return name in self.present
+
+    def _drop_manifest(self) -> None:
+        if MANIFEST in self.present:
+            (self.remote / MANIFEST).unlink()  # incomplete from here until the new manifest lands
+            self.present.discard(MANIFEST)
+
+    def unit(self, out: Path, stats: dict) -> None:
+        self._drop_manifest()
+        if stats["shard"] is None:
+            return
+        i = stats["unit"]
+        names = [n for n in (lengths_name(i), blocks_name(i), masks_name(i)) if (out / n).exists()] + [shard_name(i)]
+        for n in names:
+            storage.upload_file(out / n, self.remote / n)
+        for n in names:
+            (out / n).unlink()
+        self.present.update(names)
+
+    def progress(self, path: Path) -> None:
+        storage.upload_file(path, self.remote / PROGRESS)
+
+    def finish(self, out: Path, manifest: dict, log) -> None:
+        """Stale shards (of an earlier, different preparation) deleted, the small files and `manifest.json`
+        (last) uploaded."""
+        self._drop_manifest()
+        wanted = {n for s in manifest["shards"] for n in (s["file"], s["lengths"], s["blocks"], s.get("masks")) if n}
+        for name in sorted(self.present):
+            if name.startswith("shard-") and name not in wanted:
+                (self.remote / name).unlink()
+        small = [n for n in (TOKENIZER_FILE, TOKENIZER_TRAIN_STATE, PROGRESS) if (out / n).exists()]
+        for name in small + [MANIFEST]:
+            storage.upload_file(out / name, self.remote / name)
+        log(f"uploaded to {self.remote}: {len(manifest['shards'])} shards as they finished, manifest.json last")
+
+
 def _prepare_remote(inputs, output, tokenizer, options: dict, log) -> dict:
     """`prepare` into gs://: the same checks first (inputs, tokenizer, then the bucket), then the work in a
-    local staging folder (`storage.cache_dir(output, "prepare")`, kept while unfinished so that a re-run
-    resumes), then an upload: the old manifest removed first, stale shards deleted, every file, and
-    `manifest.json` last, so the bucket directory is complete exactly when its manifest exists."""
+    local staging folder (`storage.cache_dir(output, "prepare")`) from which each finished shard is moved to
+    the bucket (`_Uploader`); `manifest.json` is uploaded last, so the bucket directory is complete exactly
+    when its manifest exists. Local disk: the shards being written, one per worker."""
     remote = storage.path(output)
     files = expand_inputs(inputs, options["fmt"])
     if not files:
@@ -590,41 +643,33 @@ def _prepare_remote(inputs, output, tokenizer, options: dict, log) -> dict:
     storage.check_bucket(remote, write=True)
     stage = storage.cache_dir(remote, "prepare")
     remote_files = storage.file_sizes(remote)
-    fresh = not (stage / MANIFEST).exists() and not (stage / PROGRESS).exists()
     stage.mkdir(parents=True, exist_ok=True)
-    if fresh and MANIFEST in remote_files:
-        # Prepared earlier: its small files let the staged run find it up to date (or different) without
-        # tokenizing again.
-        for name in (MANIFEST, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE):
-            if name in remote_files:
-                storage.download(remote / name, stage / name)
+    # Prepared (or begun) elsewhere: the small files let the staged run find it up to date, different, or to be
+    # resumed (the shards its progress log lists are in the bucket), without tokenizing again.
+    if MANIFEST in remote_files and not (stage / MANIFEST).exists():
+        names = (MANIFEST, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE)
+    elif PROGRESS in remote_files and not (stage / MANIFEST).exists() and not (stage / PROGRESS).exists():
+        names = (PROGRESS, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE)
+    else:
+        names = ()
+    for name in names:
+        if name in remote_files:
+            storage.download(remote / name, stage / name)
     url = os.fspath(remote)
 
     def remote_log(msg: str) -> None:
         log(msg.replace(str(stage), url))
 
+    upload = _Uploader(remote, set(remote_files))
     try:
-        manifest = prepare(inputs, stage, tokenizer, **options, log=remote_log)
+        manifest = prepare(inputs, stage, tokenizer, **options, log=remote_log, upload=upload)
     except (OSError, ValueError, RuntimeError) as e:
         raise type(e)(str(e).replace(str(stage), url)) from None
     if not manifest.get("fingerprint"):
-        log(f"the finished shards wait in {stage} (not uploaded yet); re-run the same command to finish")
-        return manifest
+        return manifest  # unfinished: its shards are in the bucket, its progress log too; a re-run resumes
     new = (stage / MANIFEST).read_bytes()
-    if MANIFEST in remote_files and (remote / MANIFEST).read_bytes() == new:
-        shutil.rmtree(stage)
-        return manifest
-    if MANIFEST in remote_files:
-        (remote / MANIFEST).unlink()  # incomplete from here until the new manifest lands
-    keep = {name for name in os.listdir(stage) if name != LOCK and ".tmp." not in name and not name.startswith(".tokenizer-training")}
-    for name in remote_files:
-        if name.startswith("shard-") and name not in keep:
-            (remote / name).unlink()  # a shard of an earlier, different preparation
-    t0 = time.perf_counter()
-    for name in sorted(keep - {MANIFEST}) + [MANIFEST]:
-        storage.upload_file(stage / name, remote / name)
-    nbytes = sum((stage / name).stat().st_size for name in keep)
-    log(f"uploaded {len(keep)} files ({nbytes / 1e6:.1f} MB) to {url} in {time.perf_counter() - t0:.1f} s, manifest.json last")
+    if not (MANIFEST in remote_files and upload.has(MANIFEST) and (remote / MANIFEST).read_bytes() == new):
+        upload.finish(stage, manifest, log)
     shutil.rmtree(stage)
     return manifest
 

@@ -62,7 +62,10 @@ def test_prepare_into_a_bucket_is_the_local_output(gcs, text, tmp_path, cache, m
     files = storage.file_sizes(remote)
     for name in ["manifest.json", "tokenizer.model"] + [n for s in local["shards"] for n in (s["file"], s["lengths"], s["blocks"])]:
         assert (storage.path(remote) / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
-    assert uploads[-1] == "manifest.json" and len(uploads) == len(files)  # the manifest after every other file
+    assert uploads[-1] == "manifest.json" and set(uploads) == set(files)  # the manifest after every other file
+    shard_files = [n for n in uploads if n.startswith("shard-")]
+    assert len(shard_files) == len(set(shard_files)) == 12  # each shard's files once, as the shard finished
+    assert uploads.count(".prepare-progress.jsonl") == 5  # after each unit, and at the end
     assert not any(".tmp." in n or n == prepare_mod.LOCK for n in files)
     assert not (cache / "llama-jax" / "gcs" / "prepare" / bucket[len("gs://"):] / "data").exists()  # staging removed
     assert not Path("gs:").exists()
@@ -84,16 +87,36 @@ def test_prepare_into_a_bucket_is_the_local_output(gcs, text, tmp_path, cache, m
         n for s in again["shards"] for n in (s["file"], s["lengths"], s["blocks"]))
 
 
-def test_interrupted_prepare_into_a_bucket_finishes_on_rerun(gcs, text, tmp_path, cache):
+def test_interrupted_prepare_into_a_bucket_finishes_on_rerun(gcs, text, tmp_path, cache, monkeypatch):
     remote = f"{gcs.bucket()}/data"
     partial = _prepare([text], remote, max_units=2)
     assert partial == {"complete": False, "units_done": 2, "units": 4}
-    assert storage.file_sizes(remote) == {}  # nothing in the bucket until the whole directory is done
+    stage = cache / "llama-jax" / "gcs" / "prepare" / remote[len("gs://"):]
+    # the finished shards moved to the bucket (no manifest yet), the staging folder without them
+    assert sorted(storage.file_sizes(remote)) == [".prepare-progress.jsonl"] + [
+        f"shard-0000{i}.{kind}" for i in range(2) for kind in ("array_record", "blocks.npy", "lengths.npy")]
+    assert not list(stage.glob("shard-*"))
     logs: list[str] = []
-    manifest = _prepare([text], remote, log=logs.append)
+    manifest = _prepare([text], remote, log=logs.append, max_units=1)  # resumes: one more unit
     assert "resuming: 2 of 4 units already done" in logs
-    assert manifest["tokens"] == _prepare([text], tmp_path / "local")["tokens"]
+    # the rest on another machine (an empty cache): the bucket's progress log says what is done
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
+    logs.clear()
+    manifest = _prepare([text], remote, log=logs.append)
+    assert "resuming: 3 of 4 units already done" in logs
+    local = _prepare([text], tmp_path / "local")
+    assert manifest["tokens"] == local["tokens"] and manifest["fingerprint"] == local["fingerprint"]
+    for s in local["shards"]:
+        for name in (s["file"], s["lengths"], s["blocks"]):
+            assert (storage.path(remote) / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert (storage.path(remote) / "manifest.json").exists()
+    assert not (tmp_path / "other-cache" / stage.relative_to(cache)).exists()  # its staging folder removed
+    # back on the first machine (its staging folder left from before): up to date from the bucket's manifest
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    logs.clear()
+    assert _prepare([text], remote, log=logs.append) == manifest
+    assert logs == [f"{remote} is up to date ({manifest['documents']} documents, {manifest['tokens']} tokens)"]
+    assert not stage.exists()
 
 
 def test_prepare_inputs_from_a_bucket(gcs, text, tmp_path, cache):
