@@ -190,14 +190,13 @@ class PreparedData:
         shards = self.manifest["shards"]
         if not shards:
             raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {Path(path) / 'manifest.json'})")
-        # gs://: the index files are copied into a local cache folder now, each shard when first read
-        # (ArrayRecord's reader needs a local file; see `_fetch_index`).
-        self._remote = storage.is_remote(path)
-        root = self._fetch_index(shards) if self._remote else Path(path)
+        # gs://: every file is copied into a local cache folder first (ArrayRecord's reader needs a local
+        # file; see `_fetch`).
+        root = self._fetch(shards) if storage.is_remote(path) else Path(path)
         lengths, self._block_starts = [], []
         for s in shards:
             lp, bp = root / s["lengths"], root / s["blocks"]
-            if not all(p.is_file() for p in (lp, bp) + (() if self._remote else (root / s["file"],))):
+            if not all(p.is_file() for p in (lp, bp, root / s["file"])):
                 raise FileNotFoundError(f"prepared directory {path} is missing {s['file']}, {s['lengths']} or {s['blocks']}")
             arr, blocks = np.load(lp), np.load(bp).astype(np.int64)
             if len(arr) != s["documents"]:
@@ -231,22 +230,24 @@ class PreparedData:
                     raise ValueError(f"{mp} has {len(m)} masks; the shard has {s['tokens']} tokens")
                 self._masks.append(m)
 
-    def _fetch_index(self, shards: list[dict]) -> Path:
+    def _fetch(self, shards: list[dict]) -> Path:
         """For a gs:// directory: its local cache folder (`storage.cache_dir(path, "data")/FINGERPRINT`, so a
-        re-prepared directory never reuses old copies), with every lengths/blocks/masks file downloaded into
-        it; every shard is checked to exist (one listing) and is downloaded on first read."""
+        re-prepared directory never reuses old copies), holding a copy of every shard and lengths/blocks/masks
+        file, 8 downloads at a time; files already there whole are not fetched again. (Every batch reads from
+        nearly every shard, so copying each on first use would only serialise the same downloads.)"""
         from concurrent.futures import ThreadPoolExecutor
 
         root = storage.cache_dir(self.path, "data") / self.manifest["fingerprint"][:16]
         present = storage.file_sizes(self.path)
-        index = [n for s in shards for n in (s["lengths"], s["blocks"], s.get("masks")) if n]
-        missing = [n for n in [s["file"] for s in shards] + index if n not in present]
+        names = [n for s in shards for n in (s["file"], s["lengths"], s["blocks"], s.get("masks")) if n]
+        missing = [n for n in names if n not in present]
         if missing:
             raise FileNotFoundError(f"prepared directory {self.path} is missing {', '.join(missing[:3])}"
                                     + (f" and {len(missing) - 3} more files" if len(missing) > 3 else ""))
         remote = storage.path(self.path)
+        fetch = [n for n in names if not ((root / n).is_file() and (root / n).stat().st_size == present[n])]
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda n: storage.download(remote / n, root / n), index))
+            list(pool.map(lambda n: storage.download(remote / n, root / n), fetch))
         return root
 
     def _reader(self, shard: int):
@@ -256,9 +257,6 @@ class PreparedData:
 
             with self._lock:
                 if self._readers[shard] is None:
-                    if self._remote:  # first use: the whole shard into the cache (kept; skipped if there)
-                        local = Path(self._shard_paths[shard])
-                        storage.download(storage.path(self.path) / local.name, local)
                     # readahead off: reads are random, one record (a group_size:1 chunk) at a time.
                     self._readers[shard] = ArrayRecordReader(self._shard_paths[shard], "readahead_buffer_size:0")
         return self._readers[shard]

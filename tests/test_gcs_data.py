@@ -163,7 +163,7 @@ def test_prepare_inputs_from_a_bucket(gcs, text, tmp_path, cache):
     assert not (tmp_path / "none").exists()
 
 
-def test_loader_reads_a_bucket_like_the_local_copy(gcs, text, tmp_path, cache):
+def test_loader_reads_a_bucket_like_the_local_copy(gcs, text, tmp_path, cache, monkeypatch):
     bucket = gcs.bucket()
     local_dir = tmp_path / "local"
     _prepare([text], local_dir)
@@ -194,6 +194,12 @@ def test_loader_reads_a_bucket_like_the_local_copy(gcs, text, tmp_path, cache):
     copies = cache / "llama-jax" / "gcs" / "data" / bucket[len("gs://"):] / "data" / manifest["fingerprint"][:16]
     assert sorted(p.name for p in copies.iterdir()) == sorted(
         n for s in manifest["shards"] for n in (s["file"], s["lengths"], s["blocks"]))
+    # opened again: the copies are reused, nothing downloaded
+    fetched: list = []
+    with monkeypatch.context() as m:
+        m.setattr(storage, "download", lambda *a: fetched.append(a))
+        make_loader(f"{bucket}/data", **kw).close()
+    assert fetched == []
     # a shard gone from the bucket: one sentence naming the directory and the file
     storage.path(f"{bucket}/data2/shard-00001.array_record").unlink()
     with pytest.raises(FileNotFoundError, match=r"^prepared directory gs://bkt-[0-9]+/data2 is missing shard-00001.array_record$"):
