@@ -321,3 +321,28 @@ def test_scaling_plan_run_collect_in_a_bucket(gcs, tmp_path, monkeypatch, capfd)
     assert len(err.strip().splitlines()) == 1 and "bucket gs://no-such-bucket (for gs://no-such-bucket/p) does not exist" in err
     assert main(["scaling", "collect", "gs:/x/plan"]) == 2
     assert "a Cloud Storage path needs two slashes" in capfd.readouterr().err
+
+
+def test_instruction_data_and_a_trained_tokenizer_in_a_bucket(gcs, shared_data, text, tmp_path, cache, monkeypatch):
+    """Loss masks (`--format alpaca`) travel with their shards and reach the loader; a tokenizer trained by
+    `prepare --train-tokenizer` goes to the bucket, and a re-run elsewhere reuses it (up to date)."""
+    from test_sft_data import SEED_TASKS
+
+    bucket = gcs.bucket()
+    kw = dict(record_format="alpaca", split_blank_lines=False)
+    local = _prepare([shared_data / SEED_TASKS], tmp_path / "sft", **kw)
+    remote = _prepare([shared_data / SEED_TASKS], f"{bucket}/sft", **kw)
+    assert remote["fingerprint"] == local["fingerprint"] and remote["loss_masks"]
+    for s in local["shards"]:
+        assert (storage.path(f"{bucket}/sft") / s["masks"]).read_bytes() == (tmp_path / "sft" / s["masks"]).read_bytes()
+    a = next(make_loader(f"{bucket}/sft", seq_len=128, global_batch_size=4))
+    b = next(make_loader(str(tmp_path / "sft"), seq_len=128, global_batch_size=4))
+    assert np.array_equal(a["loss_mask"], b["loss_mask"]) and 0 < a["loss_mask"].mean() < 1
+
+    opts = dict(split_blank_lines=True, progress=False, log=lambda m: None, train_tokenizer=True, vocab_size=400)
+    trained = prepare([str(text)], f"{bucket}/own", **opts)
+    assert (storage.path(f"{bucket}/own") / "tokenizer.model").exists()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
+    logs: list[str] = []
+    assert prepare([str(text)], f"{bucket}/own", **{**opts, "log": logs.append}) == trained
+    assert logs[-1] == f"{bucket}/own is up to date ({trained['documents']} documents, {trained['tokens']} tokens)"
