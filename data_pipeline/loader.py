@@ -189,7 +189,7 @@ class PreparedData:
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         shards = self.manifest["shards"]
         if not shards:
-            raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {Path(path) / 'manifest.json'})")
+            raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {storage.path(path) / 'manifest.json'})")
         # gs://: every file is copied into a local cache folder first (ArrayRecord's reader needs a local
         # file; see `_fetch`).
         root = self._fetch(shards) if storage.is_remote(path) else Path(path)

@@ -291,10 +291,10 @@ def test_scaling_plan_run_collect_in_a_bucket(gcs, tmp_path, monkeypatch, capfd)
                               json.dumps({"tokens": 10**9, "tokenizer": {"vocab_size": 256}}))
     plan = f"{bucket}/sweeps/s1"
     monkeypatch.chdir(tmp_path)
-    assert main(["scaling", "plan", "--budgets", "1e13,1e14", "--sizes", "2e5,1e6", "--data", f"{bucket}/data",
-                 "--out", plan, "--seq-len", "64", "--min-steps", "5"]) == 0
+    assert main(["scaling", "plan", "--budgets", "1e13,3e13,1e14", "--sizes", "2e5,5e5,1.2e6,3e6", "--data",
+                 f"{bucket}/data", "--out", plan, "--seq-len", "64", "--min-steps", "5"]) == 0
     runs = json.loads((storage.path(plan) / "plan.json").read_text())["runs"]
-    assert len(runs) == 4 and all(r["model"]["vocab_size"] == 256 for r in runs)  # read from the bucket's manifest
+    assert len(runs) == 12 and all(r["model"]["vocab_size"] == 256 for r in runs)  # read from the bucket's manifest
     cfg = yaml.safe_load((storage.path(plan) / "configs" / f"{runs[0]['name']}.yaml").read_text())
     assert cfg["data"]["path"] == f"{bucket}/data" and cfg["run_dir"] == f"{plan}/runs/{runs[0]['name']}"
     fake = tmp_path / "fake_trainer.py"
@@ -305,12 +305,15 @@ def test_scaling_plan_run_collect_in_a_bucket(gcs, tmp_path, monkeypatch, capfd)
         assert (storage.path(plan) / "logs" / f"{r['name']}.log").read_text().startswith(f"trained {plan}/runs/")
     capfd.readouterr()
     assert main(["scaling", "run", plan, "--trainer", trainer]) == 0
-    assert capfd.readouterr().out.count("finished earlier, skipped") == 4
+    assert capfd.readouterr().out.count("finished earlier, skipped") == 12
     assert main(["scaling", "collect", plan]) == 0
     rows = list(csv.DictReader(io.StringIO((storage.path(plan) / "runs.csv").read_text())))
-    assert len(rows) == 4 and {r["loss_source"] for r in rows} == {"eval"}
+    assert len(rows) == 12 and {r["loss_source"] for r in rows} == {"eval"}
     for r in rows:
         assert float(r["loss"]) == pytest.approx(float(F.CHINCHILLA.loss(float(r["params"]), float(r["tokens"]))), rel=1e-9)
+    # the fit reads the CSV from the bucket and writes its JSON there (tests/test_scaling.py's check of the exponent)
+    assert main(["scaling", "fit", f"{plan}/runs.csv", "--approach", "2", "--json", f"{plan}/fit2.json"]) == 0
+    assert json.loads((storage.path(plan) / "fit2.json").read_text())["a"] == pytest.approx(F.CHINCHILLA.a, abs=0.1)
     assert list(tmp_path.iterdir()) == [fake]  # nothing local but the stand-in trainer
 
     # bad places: one line, exit 2

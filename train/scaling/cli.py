@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 from llama_jax import storage
 
@@ -159,8 +158,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    storage.makedirs(storage.path(path).parent)  # local or gs://
+    storage.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _ladder(args) -> int:
@@ -294,7 +293,7 @@ def _optimal(args) -> int:
         raise F.ScalingInputError("give --budgets (FLOPs) and/or --params (model sizes).")
     if args.fit:
         try:
-            model = F.law_from_json(json.loads(Path(args.fit).read_text()), args.fit)
+            model = F.law_from_json(json.loads(storage.path(args.fit).read_text()), args.fit)
         except (OSError, json.JSONDecodeError) as e:
             raise F.ScalingInputError(f"{args.fit}: cannot read a fit JSON ({e}).") from None
         source = args.fit
