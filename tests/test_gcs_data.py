@@ -349,3 +349,22 @@ def test_instruction_data_and_a_trained_tokenizer_in_a_bucket(gcs, shared_data, 
     logs: list[str] = []
     assert prepare([str(text)], f"{bucket}/own", **{**opts, "log": logs.append}) == trained
     assert logs[-1] == f"{bucket}/own is up to date ({trained['documents']} documents, {trained['tokens']} tokens)"
+
+
+@pytest.mark.parametrize("data, expected", [
+    ("gs://no-such-bucket/data", "data.path: bucket gs://no-such-bucket (for gs://no-such-bucket/data) does not exist"),
+    ("gs:/bkt/data", "data.path: gs:/bkt/data: a Cloud Storage path needs two slashes after gs:"),
+])
+def test_train_on_a_missing_bucket_is_one_line(gcs, tiny_run, tmp_path, monkeypatch, capfd, data, expected):
+    from llama_jax.cli import main
+
+    cfg = yaml.safe_load(tiny_run["config"].read_text())
+    cfg["data"]["path"], cfg["run_dir"] = data, str(tmp_path / "run")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert main(["train", "--config", str(config)]) != 0
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

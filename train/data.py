@@ -100,8 +100,11 @@ def check_data(data: DataConfig, key: str = "path") -> None:
     if path is None:
         return
     for d in _dirs(path):
-        p = storage.path(d)  # local or gs://
-        storage.check_bucket(p, write=False)  # gs://: the bucket exists and can be read, in one sentence
+        try:
+            p = storage.path(d)  # local or gs://
+            storage.check_bucket(p, write=False)  # gs://: the bucket exists and can be read, in one sentence
+        except storage.StorageError as e:
+            raise DataError(f"data.{key}: {e}") from None
         if not p.is_dir():
             raise DataError(f"data.{key}: directory {d} does not exist; create it with "
                             f"`llama-jax prepare INPUTS --out {d}`.")
