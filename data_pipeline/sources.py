@@ -129,6 +129,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
     within each input and without repeats. Missing inputs and empty globs are errors."""
     out: list[InputFile] = []
     seen: set[str] = set()
+    buckets: set[str] = set()  # gs:// buckets checked
     for raw in inputs:
         s = str(raw)
         if s.startswith(HF_PREFIX):
@@ -138,6 +139,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
                 out.append(InputFile(s, "hf", None, 0))
             continue
         if storage.is_remote(s):  # also refuses other URL schemes and gs:/x in one sentence
+            if storage.bucket_of(s) not in buckets:  # no such bucket / no credentials: one sentence, once a bucket
+                storage.check_bucket(s, write=False)
+                buckets.add(storage.bucket_of(s))
             for name, size in _expand_remote(s, fmt):
                 if name not in seen:
                     seen.add(name)
@@ -169,7 +173,6 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
 def _expand_remote(s: str, fmt: str | None) -> list[tuple[str, int]]:
     """[(gs:// file, size)] for a gs:// input: one object, a glob, or a "directory" (every object under it
     with a known extension), in sorted order; nothing found is an error, as for local inputs."""
-    storage.check_bucket(s, write=False)  # no such bucket / no credentials: one sentence naming the bucket
     if any(c in s for c in "*?["):
         files = sorted(storage.glob_sizes(s).items())
         if not files:
