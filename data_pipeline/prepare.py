@@ -446,9 +446,10 @@ def prepare(
         raise ValueError("pass either a tokenizer file or train_tokenizer=True with a vocab_size, not both or neither")
     if train_tokenizer and not vocab_size:
         raise ValueError("training a tokenizer needs a vocab_size (--vocab-size N)")
+    remote = storage.is_remote(output)  # (a URL of another scheme, or gs:/x, is refused here in one sentence)
     if tokenizer is not None and storage.is_remote(tokenizer):  # read from a local copy (kept in the cache)
         tokenizer = storage.download(tokenizer, storage.cache_dir(tokenizer, "tokenizer"))
-    if storage.is_remote(output):  # (a URL of another scheme, or gs:/x, is refused here in one sentence)
+    if remote:
         options = dict(text_field=text_field, split_blank_lines=split_blank_lines, fmt=fmt, record_format=record_format,
                        template=template, train_tokenizer=train_tokenizer, vocab_size=vocab_size,
                        tokenizer_sample_bytes=tokenizer_sample_bytes, workers=workers, unit_bytes=unit_bytes,
@@ -628,7 +629,7 @@ def _prepare_remote(inputs, output, tokenizer, options: dict, log) -> dict:
     """`prepare` into gs://: the same checks first (inputs, tokenizer, then the bucket), then the work in a
     local staging folder (`storage.cache_dir(output, "prepare")`) from which each finished shard is moved to
     the bucket (`_Uploader`); `manifest.json` is uploaded last, so the bucket directory is complete exactly
-    when its manifest exists. Local disk: the shards being written, one per worker."""
+    when its manifest exists. Local disk: the shards being written (one per worker) or waiting for upload."""
     remote = storage.path(output)
     files = expand_inputs(inputs, options["fmt"])
     if not files:
