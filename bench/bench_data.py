@@ -265,6 +265,60 @@ def bench_loader(tok_path: Path, workdir: Path, quick: bool) -> dict:
     return results
 
 
+def bench_loader_remote(tok_path: Path, workdir: Path, remote: str, quick: bool) -> dict:
+    """The loader on a prepared directory in Cloud Storage (`remote`, gs://...) beside the same directory on
+    local disk: start-up from an empty cache (every file copied into it), then batches on one core,
+    alternating local and gs:// in this process."""
+    from llama_jax import storage
+    from llama_jax_data.loader import make_loader
+    from llama_jax_data.prepare import prepare
+
+    local = workdir / "loader-data"
+    if not (local / "manifest.json").is_file():
+        prepare([SHARED / "corpus"], local, tok_path, split_blank_lines=True, progress=False, log=lambda msg: None)
+    t0 = time.perf_counter()
+    manifest = prepare([SHARED / "corpus"], remote, tok_path, split_blank_lines=True, progress=False, log=lambda msg: None)
+    prepare_s = time.perf_counter() - t0
+    nbytes = sum(storage.file_sizes(remote).values())
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(workdir / "gcs-cache")  # an empty cache: the first read downloads
+    try:
+        seq_len, batch, steps = 2048, 32, 20 if quick else 60
+        kw = dict(seq_len=seq_len, global_batch_size=batch, seed=0, num_threads=0)
+        t0 = time.perf_counter()
+        remote_loader = make_loader(remote, **kw)
+        open_s = time.perf_counter() - t0
+        next(remote_loader)
+        first_s = time.perf_counter() - t0
+        local_loader = make_loader(local, **kw)
+        next(local_loader)
+        results = {"bytes": nbytes, "shards": len(manifest["shards"]), "prepare_and_upload_s": prepare_s,
+                   "open_s": open_s, "first_batch_s": first_s}
+        with one_core():
+            for label, loader in [("local", local_loader), ("gs://", remote_loader)] * 2:
+
+                def run():
+                    for _ in range(steps):
+                        b = next(loader)
+                    return b["inputs"].size * steps
+
+                tokens, cpu, wall = _timed(run, 2 if quick else 3)
+                best = results.setdefault(label, {"tokens_per_cpu_s": 0.0, "tokens_per_s_wall": 0.0})
+                best["tokens_per_cpu_s"] = max(best["tokens_per_cpu_s"], tokens / cpu)
+                best["tokens_per_s_wall"] = max(best["tokens_per_s_wall"], tokens / wall)
+        remote_loader.close()
+        local_loader.close()
+        t0 = time.perf_counter()
+        storage.download(remote, workdir / "gcs-full-copy")  # what a cold start costs at most: every file
+        results["full_copy_s"] = time.perf_counter() - t0
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+        else:
+            os.environ["XDG_CACHE_HOME"] = old
+    return results
+
+
 HELP = "data pipeline speed: tokenization per core vs the tokenizer library, and packed-batch loading"
 EXAMPLE = "llama-jax bench data --quick"
 
@@ -272,6 +326,9 @@ EXAMPLE = "llama-jax bench data --quick"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller corpus and fewer steps")
     parser.add_argument("--save", action="store_true", help="append the result to bench/results/<device>.md")
+    parser.add_argument("--remote", metavar="GS_DIR", help="also time the loader on the corpus prepared into "
+                        "GS_DIR (gs://BUCKET/PATH; Application Default Credentials) beside the local copy")
+    parser.add_argument("--loader-only", action="store_true", help="skip the tokenization benchmarks")
 
 
 def main(args) -> int:
@@ -281,10 +338,36 @@ def main(args) -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tokenization = bench_tokenization(toks, work, args.quick)
+        if args.remote:
+            from llama_jax import storage
+
+            try:
+                storage.check_bucket(args.remote, write=True)
+            except ValueError as e:
+                print(f"llama-jax bench data: error: {e}")
+                return 1
+        tokenization = None if args.loader_only else bench_tokenization(toks, work, args.quick)
         loading = bench_loader(toks["llama2"], work, args.quick)
+        remote = bench_loader_remote(toks["llama2"], work, args.remote, args.quick) if args.remote else None
 
     rows = []
+    if remote is not None:
+        rows.append(("gs:// loader: data", f"{remote['bytes'] / 1e6:.1f} MB in {remote['shards']} shards at {args.remote}"))
+        rows.append(("gs:// loader: start-up, empty cache", f"open {remote['open_s']:.2f} s (every file copied into the cache), "
+                     f"first batch after {remote['first_batch_s']:.2f} s; a plain copy of every file "
+                     f"{remote['full_copy_s']:.2f} s ({remote['bytes'] / 1e6 / remote['full_copy_s']:.0f} MB/s, one at a time)"))
+        for label in ("local", "gs://"):
+            v = remote[label]
+            rows.append((f"gs:// loader: seq 2048, batch 32, synchronous, {label}",
+                         f"{v['tokens_per_cpu_s'] / 1e6:.2f} M tok/CPU-s, {v['tokens_per_s_wall'] / 1e6:.2f} M tok/s wall"))
+    if tokenization is None:
+        for label, v in loading.items():
+            rows.append((f"loader: {label}", f"{v['tokens_per_cpu_s'] / 1e6:.2f} M tok/CPU-s, "
+                                              f"{v['tokens_per_s_wall'] / 1e6:.2f} M tok/s wall (target >= 1)"))
+        from llama_jax_bench.report import emit
+
+        emit("data pipeline (loader)", rows, json.loads(json.dumps({"loader": loading, "remote": remote})), save=args.save)
+        return 0
     for kind, c in tokenization["corpora"].items():
         rows.append((f"corpus: {kind}", f"{c['bytes'] / 1e6:.1f} MB, {c['documents']} documents"))
     c = tokenization["scaling_corpus"]
@@ -311,7 +394,7 @@ def main(args) -> int:
     for label, v in loading.items():
         rows.append((f"loader: {label}", f"{v['tokens_per_cpu_s'] / 1e6:.2f} M tok/CPU-s, "
                                           f"{v['tokens_per_s_wall'] / 1e6:.2f} M tok/s wall (target >= 1)"))
-    record = {"tokenization": tokenization, "loader": loading, "cpu_count": os.cpu_count()}
+    record = {"tokenization": tokenization, "loader": loading, "remote": remote, "cpu_count": os.cpu_count()}
 
     from llama_jax_bench.report import emit
 

@@ -19,10 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="INPUT",
         help="files, directories or globs; the format comes from the extension (.txt and other text, "
         ".jsonl/.ndjson/.json with optional .gz/.zst, .parquet), or hf:NAME[:CONFIG[:SPLIT]] for a "
-        "Hugging Face dataset (needs `datasets` and network access)",
+        "Hugging Face dataset (needs `datasets` and network access); files, directories and globs may be "
+        "gs://BUCKET/PATH",
     )
-    parser.add_argument("--output", "-o", required=True, metavar="DIR", help="output directory")
-    parser.add_argument("--tokenizer", metavar="FILE", help="tokenizer.model (SentencePiece or Llama 3 tiktoken)")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+                        help="output directory: local or gs://BUCKET/PATH (each shard uploaded as it finishes, "
+                        "manifest.json last)")
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="tokenizer.model (SentencePiece or Llama 3 tiktoken); local or gs://")
     parser.add_argument(
         "--train-tokenizer",
         action="store_true",

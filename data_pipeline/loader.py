@@ -71,6 +71,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from llama_jax import storage
 from llama_jax_data.prepare import read_manifest
 
 __all__ = [
@@ -101,14 +102,14 @@ _STATE_VERSION = 1
 
 def llama1_mixture(root: str | os.PathLike) -> dict[str, float]:
     """{root/name: weight} for LLaMA-1's seven sources, each prepared into its own directory."""
-    return {str(Path(root) / name): w for name, w in LLAMA1_MIXTURE.items()}
+    return {os.fspath(storage.path(root) / name): w for name, w in LLAMA1_MIXTURE.items()}
 
 
 def parse_mixture(data) -> list[tuple[str, float]]:
     """[(data_dir, weight)] with zero weights dropped, from any accepted form of `data`."""
     if isinstance(data, (str, os.PathLike)):
-        p = Path(data)
-        if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
+        p = storage.path(data)  # local or gs://
+        if p.suffix in (".json", ".yaml", ".yml") and p.is_file():
             if p.suffix == ".json":
                 spec = json.loads(p.read_text())
             else:
@@ -117,9 +118,10 @@ def parse_mixture(data) -> list[tuple[str, float]]:
                 spec = yaml.safe_load(p.read_text())
             if not isinstance(spec, Mapping):
                 raise ValueError(f"mixture file {p} must hold a mapping {{data_dir: weight}}")
-            items = [(str(p.parent / k) if not os.path.isabs(k) else k, v) for k, v in spec.items()]
+            items = [(os.fspath(p.parent / k) if not (os.path.isabs(k) or k.startswith("gs://")) else k, v)
+                     for k, v in spec.items()]
         else:
-            items = [(str(p), 1.0)]
+            items = [(os.fspath(data), 1.0)]
     elif isinstance(data, Mapping):
         items = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, Sequence):
@@ -187,11 +189,14 @@ class PreparedData:
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         shards = self.manifest["shards"]
         if not shards:
-            raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {Path(path) / 'manifest.json'})")
+            raise ValueError(f"prepared directory {path} holds no documents (see `skipped` in its {storage.path(path) / 'manifest.json'})")
+        # gs://: every file is copied into a local cache folder first (ArrayRecord's reader needs a local
+        # file; see `_fetch`).
+        root = self._fetch(shards) if storage.is_remote(path) else Path(path)
         lengths, self._block_starts = [], []
         for s in shards:
-            lp, bp = Path(path) / s["lengths"], Path(path) / s["blocks"]
-            if not all(p.is_file() for p in (lp, bp, Path(path) / s["file"])):
+            lp, bp = root / s["lengths"], root / s["blocks"]
+            if not all(p.is_file() for p in (lp, bp, root / s["file"])):
                 raise FileNotFoundError(f"prepared directory {path} is missing {s['file']}, {s['lengths']} or {s['blocks']}")
             arr, blocks = np.load(lp), np.load(bp).astype(np.int64)
             if len(arr) != s["documents"]:
@@ -207,7 +212,7 @@ class PreparedData:
         self._token_starts = np.zeros(self.num_documents + 1, np.int64)
         np.cumsum(self.lengths, out=self._token_starts[1:])
         self.tokenizer_sha256 = self.manifest["tokenizer"]["sha256"]
-        self._shard_paths = [str(Path(path) / s["file"]) for s in shards]
+        self._shard_paths = [str(root / s["file"]) for s in shards]
         self._shard_starts = np.cumsum([0] + [s["documents"] for s in shards])
         self._readers: list = [None] * len(shards)
         self._lock = threading.Lock()
@@ -216,7 +221,7 @@ class PreparedData:
         self._masks = []
         if self.has_masks:
             for s, n in zip(shards, np.diff(self._shard_starts)):
-                mp = Path(path) / s.get("masks", "")
+                mp = root / s.get("masks", "")
                 if "masks" not in s or not mp.is_file():
                     raise FileNotFoundError(f"prepared directory {path} is missing the loss masks of {s['file']}")
                 m = np.load(mp, mmap_mode="r")
@@ -224,6 +229,26 @@ class PreparedData:
                 if len(m) != self._token_starts[first + n] - self._token_starts[first]:
                     raise ValueError(f"{mp} has {len(m)} masks; the shard has {s['tokens']} tokens")
                 self._masks.append(m)
+
+    def _fetch(self, shards: list[dict]) -> Path:
+        """For a gs:// directory: its local cache folder (`storage.cache_dir(path, "data")/FINGERPRINT`, so a
+        re-prepared directory never reuses old copies), holding a copy of every shard and lengths/blocks/masks
+        file, 8 downloads at a time; files already there whole are not fetched again. (Every batch reads from
+        nearly every shard, so copying each on first use would only serialise the same downloads.)"""
+        from concurrent.futures import ThreadPoolExecutor
+
+        root = storage.cache_dir(self.path, "data") / self.manifest["fingerprint"][:16]
+        present = storage.file_sizes(self.path)
+        names = [n for s in shards for n in (s["file"], s["lengths"], s["blocks"], s.get("masks")) if n]
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise FileNotFoundError(f"prepared directory {self.path} is missing {', '.join(missing[:3])}"
+                                    + (f" and {len(missing) - 3} more files" if len(missing) > 3 else ""))
+        remote = storage.path(self.path)
+        fetch = [n for n in names if not ((root / n).is_file() and (root / n).stat().st_size == present[n])]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: storage.download(remote / n, root / n), fetch))
+        return root
 
     def _reader(self, shard: int):
         # One reader per shard, opened on first use; ArrayRecord readers are safe to share between threads.

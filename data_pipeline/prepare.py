@@ -56,6 +56,7 @@ from llama_jax_data.sources import (
     iter_document_batches,
     iter_documents,
 )
+from llama_jax import storage
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = ["prepare", "plan_units", "read_manifest", "FORMAT_VERSION", "MANIFEST"]
@@ -333,10 +334,10 @@ def _pool_context(tok: Tokenizer):
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
-    """The manifest of a prepared directory, with a clear error where there is none."""
-    path = Path(data_dir) / MANIFEST
+    """The manifest of a prepared directory (local or gs://), with a clear error where there is none."""
+    path = storage.path(data_dir) / MANIFEST
     if not path.is_file():
-        hint = " (preparation was interrupted; re-run `llama-jax prepare` to finish it)" if (Path(data_dir) / PROGRESS).exists() else ""
+        hint = " (preparation was interrupted; re-run `llama-jax prepare` to finish it)" if (storage.path(data_dir) / PROGRESS).exists() else ""
         raise FileNotFoundError(f"{data_dir} is not a prepared data directory: it has no {MANIFEST}{hint}")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -431,10 +432,12 @@ def prepare(
     progress: bool = True,
     max_units: int | None = None,
     log=None,
+    upload: "_Uploader | None" = None,
 ) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (see the module docstring).
 
     `max_units` stops after that many units, as an interrupted run would (for tests and staged runs).
+    `upload` is internal (gs:// output, see `_prepare_remote`): it moves each finished shard to the bucket.
     `record_format` "alpaca" or "messages" reads JSONL instruction/chat records into examples with a loss
     mask (`llama_jax_data.instruct`; `template` names the chat template, default from the tokenizer).
     """
@@ -443,6 +446,15 @@ def prepare(
         raise ValueError("pass either a tokenizer file or train_tokenizer=True with a vocab_size, not both or neither")
     if train_tokenizer and not vocab_size:
         raise ValueError("training a tokenizer needs a vocab_size (--vocab-size N)")
+    remote = storage.is_remote(output)  # (a URL of another scheme, or gs:/x, is refused here in one sentence)
+    if tokenizer is not None and storage.is_remote(tokenizer):  # read from a local copy (kept in the cache)
+        tokenizer = storage.download(tokenizer, storage.cache_dir(tokenizer, "tokenizer"))
+    if remote:
+        options = dict(text_field=text_field, split_blank_lines=split_blank_lines, fmt=fmt, record_format=record_format,
+                       template=template, train_tokenizer=train_tokenizer, vocab_size=vocab_size,
+                       tokenizer_sample_bytes=tokenizer_sample_bytes, workers=workers, unit_bytes=unit_bytes,
+                       overwrite=overwrite, progress=progress, max_units=max_units)
+        return _prepare_remote(inputs, output, tokenizer, options, log)
     out = Path(output)
     # Check first, write after: inputs and a given tokenizer are checked before the output directory exists.
     files = expand_inputs(inputs, fmt)
@@ -470,7 +482,8 @@ def prepare(
         fingerprint = _fingerprint(
             {
                 "format_version": FORMAT_VERSION,
-                "inputs": [[str(Path(f.path).resolve()) if f.format != "hf" else f.path, h] for f, h in zip(files, hashes)],
+                "inputs": [[f.path if f.format == "hf" or f.path.startswith("gs://") else str(Path(f.path).resolve()), h]
+                           for f, h in zip(files, hashes)],
                 "tokenizer": tok.sha256,
                 "options": options,
                 "unit_bytes": unit_bytes,
@@ -504,7 +517,8 @@ def prepare(
         for p in out.glob("shard-*.tmp.*"):  # half-written shards of a run that died
             p.unlink()
         # A shard renamed into place by a run that died before logging it is redone (same content).
-        done = {i: r for i, r in done.items() if r["shard"] is None or (out / r["shard"]).exists()}
+        done = {i: r for i, r in done.items()
+                if r["shard"] is None or (out / r["shard"]).exists() or (upload is not None and upload.has(r["shard"]))}
         if prev_fp is None:
             _atomic_write_text(progress_path, json.dumps({"fingerprint": fingerprint, "units": len(units)}) + "\n")
         elif done:
@@ -528,9 +542,13 @@ def prepare(
         with open(progress_path, "a") as plog, pool or contextlib.nullcontext():
 
             def record(stats: dict) -> None:
+                if upload is not None:
+                    upload.unit(out, stats)  # in the bucket before the progress log counts it
                 plog.write(json.dumps(stats) + "\n")
                 plog.flush()
                 os.fsync(plog.fileno())
+                if upload is not None:
+                    upload.progress(progress_path)
                 done[stats["unit"]] = stats
                 bar.update(stats["tokens"], stats["bytes"])
 
@@ -559,6 +577,102 @@ def prepare(
         for e in manifest["errors"]:
             log(f"warning: {e['file']}: {e['reason']} ({e['error']}); {e['documents_before_error']} documents read before it were kept")
         return manifest
+
+
+class _Uploader:
+    """Moves each finished shard of a gs:// preparation into the bucket (its index files first, the shard last)
+    and deletes the local copies, so the staging folder holds only the shards being written; the progress log
+    follows each unit, so a re-run on any machine resumes. The bucket's old manifest is removed before the
+    first shard lands."""
+
+    def __init__(self, remote, present: set[str]):
+        self.remote, self.present = remote, set(present)
+
+    def has(self, name: str) -> bool:
+        return name in self.present
+
+    def _drop_manifest(self) -> None:
+        if MANIFEST in self.present:
+            (self.remote / MANIFEST).unlink()  # incomplete from here until the new manifest lands
+            self.present.discard(MANIFEST)
+
+    def unit(self, out: Path, stats: dict) -> None:
+        self._drop_manifest()
+        if stats["shard"] is None:
+            return
+        i = stats["unit"]
+        names = [n for n in (lengths_name(i), blocks_name(i), masks_name(i)) if (out / n).exists()] + [shard_name(i)]
+        for n in names:
+            storage.upload_file(out / n, self.remote / n)
+        for n in names:
+            (out / n).unlink()
+        self.present.update(names)
+
+    def progress(self, path: Path) -> None:
+        storage.upload_file(path, self.remote / PROGRESS)
+
+    def finish(self, out: Path, manifest: dict, log) -> None:
+        """Stale shards (of an earlier, different preparation) deleted, the small files and `manifest.json`
+        (last) uploaded."""
+        self._drop_manifest()
+        wanted = {n for s in manifest["shards"] for n in (s["file"], s["lengths"], s["blocks"], s.get("masks")) if n}
+        for name in sorted(self.present):
+            if name.startswith("shard-") and name not in wanted:
+                (self.remote / name).unlink()
+        small = [n for n in (TOKENIZER_FILE, TOKENIZER_TRAIN_STATE, PROGRESS) if (out / n).exists()]
+        for name in small + [MANIFEST]:
+            storage.upload_file(out / name, self.remote / name)
+        log(f"uploaded to {self.remote}: {len(manifest['shards'])} shards as they finished, manifest.json last")
+
+
+def _prepare_remote(inputs, output, tokenizer, options: dict, log) -> dict:
+    """`prepare` into gs://: the same checks first (inputs, tokenizer, then the bucket), then the work in a
+    local staging folder (`storage.cache_dir(output, "prepare")`) from which each finished shard is moved to
+    the bucket (`_Uploader`); `manifest.json` is uploaded last, so the bucket directory is complete exactly
+    when its manifest exists. Local disk: the shards being written (one per worker) or waiting for upload."""
+    remote = storage.path(output)
+    files = expand_inputs(inputs, options["fmt"])
+    if not files:
+        raise ValueError("no inputs given")
+    if options["record_format"] != "text":
+        _check_records(files, options["record_format"], options["template"], options["train_tokenizer"])
+    else:
+        for f in files:
+            check_input(f, options["text_field"])
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)
+    storage.check_bucket(remote, write=True)
+    stage = storage.cache_dir(remote, "prepare")
+    remote_files = storage.file_sizes(remote)
+    stage.mkdir(parents=True, exist_ok=True)
+    # Prepared (or begun) elsewhere: the small files let the staged run find it up to date, different, or to be
+    # resumed (the shards its progress log lists are in the bucket), without tokenizing again.
+    if MANIFEST in remote_files and not (stage / MANIFEST).exists():
+        names = (MANIFEST, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE)
+    elif PROGRESS in remote_files and not (stage / MANIFEST).exists() and not (stage / PROGRESS).exists():
+        names = (PROGRESS, TOKENIZER_FILE, TOKENIZER_TRAIN_STATE)
+    else:
+        names = ()
+    for name in names:
+        if name in remote_files:
+            storage.download(remote / name, stage / name)
+    url = os.fspath(remote)
+
+    def remote_log(msg: str) -> None:
+        log(msg.replace(str(stage), url))
+
+    upload = _Uploader(remote, set(remote_files))
+    try:
+        manifest = prepare(inputs, stage, tokenizer, **options, log=remote_log, upload=upload)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise type(e)(str(e).replace(str(stage), url)) from None
+    if not manifest.get("fingerprint"):
+        return manifest  # unfinished: its shards are in the bucket, its progress log too; a re-run resumes
+    new = (stage / MANIFEST).read_bytes()
+    if not (MANIFEST in remote_files and upload.has(MANIFEST) and (remote / MANIFEST).read_bytes() == new):
+        upload.finish(stage, manifest, log)
+    shutil.rmtree(stage)
+    return manifest
 
 
 def _check_records(files: Sequence[InputFile], record_format: str, template: str | None, train_tokenizer: bool) -> None:

@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_jax import storage
+
 __all__ = [
     "InputFile",
     "SKIP_REASONS",
@@ -127,6 +129,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
     within each input and without repeats. Missing inputs and empty globs are errors."""
     out: list[InputFile] = []
     seen: set[str] = set()
+    buckets: set[str] = set()  # gs:// buckets checked
     for raw in inputs:
         s = str(raw)
         if s.startswith(HF_PREFIX):
@@ -134,6 +137,16 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
             if s not in seen:
                 seen.add(s)
                 out.append(InputFile(s, "hf", None, 0))
+            continue
+        if storage.is_remote(s):  # also refuses other URL schemes and gs:/x in one sentence
+            if storage.bucket_of(s) not in buckets:  # no such bucket / no credentials: one sentence, once a bucket
+                storage.check_bucket(s, write=False)
+                buckets.add(storage.bucket_of(s))
+            for name, size in _expand_remote(s, fmt):
+                if name not in seen:
+                    seen.add(name)
+                    f, c = detect_format(name, fmt)
+                    out.append(InputFile(name, f, c, size))
             continue
         if any(c in s for c in "*?["):
             paths = [Path(p) for p in sorted(glob.glob(s, recursive=True)) if os.path.isfile(p)]
@@ -157,9 +170,36 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], fmt: str | None = None) -
     return out
 
 
+def _expand_remote(s: str, fmt: str | None) -> list[tuple[str, int]]:
+    """[(gs:// file, size)] for a gs:// input: one object, a glob, or a "directory" (every object under it
+    with a known extension), in sorted order; nothing found is an error, as for local inputs."""
+    if any(c in s for c in "*?["):
+        files = sorted(storage.glob_sizes(s).items())
+        if not files:
+            raise FileNotFoundError(f"input glob {s} matches no files")
+        return files
+    root = s.rstrip("/")
+    sizes = storage.file_sizes(root)  # an object alone: {"": size}
+    if not sizes:
+        raise FileNotFoundError(f"input {s} does not exist")
+    if list(sizes) == [""]:
+        return [(root, sizes[""])]
+    files = sorted((f"{root}/{name}", size) for name, size in sizes.items() if fmt is not None or _known(Path(name)))
+    if not files:
+        raise FileNotFoundError(f"input directory {s} holds no files with a known extension")
+    return files
+
+
+def _open_raw(path: str | os.PathLike, buffering: int = -1):
+    """A local file, or a gs:// object (through `llama_jax.storage`), opened for reading bytes."""
+    if str(path).startswith("gs://"):
+        return storage.open_read(path, buffering=max(buffering, 1 << 20))
+    return open(path, "rb", buffering=buffering)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with _open_raw(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -188,7 +228,7 @@ class _ZstdReader(io.RawIOBase):
         import zstandard
 
         self._zstd = zstandard
-        self._fh = open(path, "rb")
+        self._fh = _open_raw(path)
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
         self._fed = False
@@ -227,10 +267,10 @@ class _ZstdReader(io.RawIOBase):
 
 def _open_binary(f: InputFile):
     if f.compression == "gzip":
-        return gzip.open(f.path, "rb")
+        return gzip.open(_open_raw(f.path) if f.path.startswith("gs://") else f.path, "rb")
     if f.compression == "zstd":
         return io.BufferedReader(_ZstdReader(f.path), 1 << 20)
-    return open(f.path, "rb", buffering=1 << 20)
+    return _open_raw(f.path, buffering=1 << 20)
 
 
 def _decompression_errors() -> tuple[type[BaseException], ...]:
@@ -396,10 +436,15 @@ def _jsonl_records(lines: Iterator[bytes], skipped: Counter) -> Iterator:
 def _parquet_documents(f: InputFile, field: str, skipped: Counter) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(f.path).iter_batches(columns=[field], batch_size=4096):
+    for batch in pq.ParquetFile(_parquet_source(f.path)).iter_batches(columns=[field], batch_size=4096):
         for value in batch.column(0).to_pylist():
             if _is_document(value, skipped):
                 yield value
+
+
+def _parquet_source(path: str):
+    """What pyarrow opens: the path itself, or an open gs:// object (pyarrow reads it by ranges)."""
+    return _open_raw(path) if path.startswith("gs://") else path
 
 
 def parse_hf(spec: str) -> tuple[str, str | None, str]:
@@ -553,7 +598,7 @@ def check_input(f: InputFile, text_field: str) -> None:
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(f.path)
+            schema = pq.read_schema(_parquet_source(f.path))
         except Exception as e:
             raise ValueError(f"input {f.path} is not a readable Parquet file: {e}") from None
         if text_field not in schema.names:

@@ -90,6 +90,17 @@ def _no_listings_cache() -> None:
 _no_listings_cache()
 
 
+def _fresh_after_fork() -> None:
+    """A forked child (a `prepare` worker started by fork) cannot use its parent's gcsfs instance, whose event
+    loop stayed behind ("This class is not fork-safe"): epath's cached file systems are dropped in the child."""
+    from etils.epath import backend
+
+    os.register_at_fork(after_in_child=backend._FileSystemSpecBackend._get_filesystem.cache_clear)
+
+
+_fresh_after_fork()
+
+
 def _gcs():
     """The gcsfs file system epath uses for gs:// (one per process)."""
     from etils.epath import backend
@@ -251,3 +262,48 @@ def absolute(p: PathLike) -> epath.Path:
     """`path(p)`, made absolute if local (gs:// paths already are)."""
     target = path(p)
     return target if is_remote(target) else epath.Path(os.path.abspath(os.fspath(target)))
+
+
+def cache_dir(p: PathLike, kind: str) -> LocalPath:
+    """The local folder that holds copies of gs:// path `p` for `kind` ("data", "prepare"):
+    $XDG_CACHE_HOME/llama-jax/gcs/KIND/BUCKET/PATH (~/.cache by default); not created here."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    rest = os.fspath(path(p))[len("gs://"):].rstrip("/")
+    return LocalPath(root) / "llama-jax" / "gcs" / kind / rest
+
+
+def open_read(p: PathLike, buffering: int = 1 << 20):
+    """`p` opened for reading bytes: a local file with `buffering`, or a gs:// object through gcsfs
+    (seekable; fetched in blocks of `buffering` bytes or more, read ahead)."""
+    target = path(p)
+    if not is_remote(target):
+        return open(os.fspath(target), "rb", buffering=buffering)
+    return _gcs().open(os.fspath(target), "rb", block_size=max(buffering, 8 << 20))
+
+
+def file_sizes(p: PathLike) -> dict[str, int]:
+    """{relative name: size} of every file under directory `p` (local or gs://), in one listing on gs://."""
+    target = path(p)
+    if not is_remote(target):
+        root = LocalPath(os.fspath(target))
+        return {f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+    root = os.fspath(target).rstrip("/")
+    found = _gcs().find(root, detail=True)
+    out = {}
+    for k, v in found.items():
+        k = k if k.startswith("gs://") else "gs://" + k
+        if v.get("type", "file") == "file":
+            out[k[len(root):].lstrip("/")] = int(v["size"])
+    return out
+
+
+def glob_sizes(pattern: PathLike) -> dict[str, int]:
+    """{gs://name: size} of the objects a gs:// glob pattern (`*`, `**`, `?`, `[..]`) matches."""
+    found = _gcs().glob(os.fspath(path(pattern)), detail=True)
+    return {("gs://" + k.removeprefix("gs://")): int(v["size"]) for k, v in found.items()
+            if v.get("type", "file") == "file"}
+
+
+def upload_file(src: PathLike, dst: PathLike) -> None:
+    """Upload local file `src` to gs:// `dst` as one object (streamed; visible only when complete)."""
+    _gcs().put_file(os.fspath(src), os.fspath(path(dst)))

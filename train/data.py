@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from llama_jax import storage
 from llama_jax_train.config import DataConfig
 
 
@@ -79,7 +80,7 @@ class SyntheticLoader:
 
 def _dirs(path: Any) -> list[str]:
     """The data directories behind `path`: a directory, a list, a {dir: weight} mapping or a mixture file."""
-    if isinstance(path, str) and Path(path).suffix in (".json", ".yaml", ".yml") and Path(path).is_file():
+    if isinstance(path, str) and Path(path).suffix in (".json", ".yaml", ".yml") and storage.path(path).is_file():
         from llama_jax_data.loader import parse_mixture
 
         try:
@@ -99,7 +100,11 @@ def check_data(data: DataConfig, key: str = "path") -> None:
     if path is None:
         return
     for d in _dirs(path):
-        p = Path(d)
+        try:
+            p = storage.path(d)  # local or gs://
+            storage.check_bucket(p, write=False)  # gs://: the bucket exists and can be read, in one sentence
+        except storage.StorageError as e:
+            raise DataError(f"data.{key}: {e}") from None
         if not p.is_dir():
             raise DataError(f"data.{key}: directory {d} does not exist; create it with "
                             f"`llama-jax prepare INPUTS --out {d}`.")
@@ -144,7 +149,7 @@ def read_manifests(data: DataConfig, key: str = "path") -> list[dict]:
     out = []
     for d in _dirs(path):
         try:
-            out.append(json.loads((Path(d) / "manifest.json").read_text()))
+            out.append(json.loads((storage.path(d) / "manifest.json").read_text()))
         except (OSError, ValueError):
             return []
     return out

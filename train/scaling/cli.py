@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
-from pathlib import Path
+
+from llama_jax import storage
 
 HELP = "Chinchilla scaling experiments: plan IsoFLOP sweeps, run and collect them, fit scaling laws, plot."
 EXAMPLE = (
@@ -156,8 +158,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    storage.makedirs(storage.path(path).parent)  # local or gs://
+    storage.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def _ladder(args) -> int:
@@ -190,8 +192,8 @@ def _plan(args) -> int:
         print(f"warning: {len(over)} run(s) need more than one pass over the {m['data_tokens']} data tokens "
               f"(e.g. {over[0]}); the fitted laws assume unrepeated data.", file=sys.stderr)
     total = sum(r["flops"] for r in runs)
-    print(f"\n{len(runs)} runs, {total:.3g} FLOPs in all (6ND); configs in {Path(args.out) / 'configs'}, "
-          f"launch commands in {Path(args.out) / 'commands.sh'}")
+    print(f"\n{len(runs)} runs, {total:.3g} FLOPs in all (6ND); configs in {storage.path(args.out) / 'configs'}, "
+          f"launch commands in {storage.path(args.out) / 'commands.sh'}")
     if args.assume_mfu:
         peak = measure_cpu_peak_flops()
         work = sum(r["tokens"] * mfu_flops_per_token(r["model"], r["seq_len"]) for r in runs)
@@ -214,7 +216,7 @@ def _run(args) -> int:
 def _collect(args) -> int:
     from llama_jax_train.scaling import sweep
 
-    out = args.csv or str(Path(args.plan) / "runs.csv")
+    out = args.csv or os.fspath(storage.path(args.plan) / "runs.csv")
     rows, problems = sweep.collect(args.plan, out, last_k=args.last_k, allow_incomplete=args.allow_incomplete)
     for p in problems:
         print(f"not collected: {p}", file=sys.stderr)
@@ -291,7 +293,7 @@ def _optimal(args) -> int:
         raise F.ScalingInputError("give --budgets (FLOPs) and/or --params (model sizes).")
     if args.fit:
         try:
-            model = F.law_from_json(json.loads(Path(args.fit).read_text()), args.fit)
+            model = F.law_from_json(json.loads(storage.path(args.fit).read_text()), args.fit)
         except (OSError, json.JSONDecodeError) as e:
             raise F.ScalingInputError(f"{args.fit}: cannot read a fit JSON ({e}).") from None
         source = args.fit
@@ -322,6 +324,6 @@ def main(args: argparse.Namespace) -> int:
               "optimal": _optimal}[args.action]
     try:
         return action(args)
-    except (ScalingInputError, SweepError) as e:
+    except (ScalingInputError, SweepError, storage.StorageError) as e:
         print(f"llama-jax scaling {args.action}: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ The default interval is the 10th–90th percentile, as the paper reports.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -105,10 +106,12 @@ def make_runs(params, tokens, loss, flops=None, budget=None, source: str = "runs
 def read_runs_csv(path: str | Path) -> Runs:
     """Read a CSV with a header naming at least `params,tokens,loss` (optional `flops`, `budget`; other
     columns are ignored)."""
-    path = Path(path)
+    from llama_jax import storage
+
+    path = storage.path(path)  # local or gs://
     if not path.is_file():
         raise ScalingInputError(f"{path}: no such file; expected a CSV with columns params,tokens,loss.")
-    with path.open(newline="") as fh:
+    with io.StringIO(path.read_bytes().decode(), newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:

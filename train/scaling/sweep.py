@@ -16,7 +16,9 @@ clearly worse final loss, so a sweep that reuses one long schedule for short run
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -24,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from llama_jax import storage
 from llama_jax_train.scaling import ladder as ladder_mod
 from llama_jax_train.scaling.flops import chinchilla_train_flops, param_counts, six_nd
 
@@ -82,11 +86,15 @@ def batch_for(flops: float, seq_len: int) -> int:
     return max(1, 2 ** round(math.log2(max(seqs, 1.0))))
 
 
+def _resolved(p: str | Path):
+    """`p` as a storage path: a gs:// path as it is, a local one made absolute with symlinks resolved."""
+    return storage.path(p) if storage.is_remote(p) else storage.path(Path(p).resolve())
+
+
 def data_info(data: str | Path) -> dict[str, Any]:
     """Token count and vocabulary size from a prepared directory's manifest.json ({} where there is none)."""
-    path = Path(data) / "manifest.json"
     try:
-        m = json.loads(path.read_text())
+        m = json.loads((storage.path(data) / "manifest.json").read_text())  # local or gs://
     except (OSError, json.JSONDecodeError):
         return {}
     tok = m.get("tokenizer") if isinstance(m.get("tokenizer"), dict) else {}
@@ -141,9 +149,11 @@ def plan_sweep(
             raise SweepError(f"every {name} must be a positive number; got {bad[0]!r}.")
     if seq_len <= 0 or (batch_size is not None and batch_size <= 0) or eval_tokens <= 0 or min_steps < 1:
         raise SweepError("seq_len, batch_size, eval_tokens and min_steps must be positive.")
-    out = Path(out).resolve()
+    out = _resolved(out)  # local or gs://: configs, plan.json, commands.sh, runs/ and logs/ all there
+    data = os.fspath(_resolved(data))
+    storage.check_bucket(data, write=False)  # gs://: one sentence naming a missing or unreadable bucket
+    storage.check_bucket(out, write=True)
     info = data_info(data)
-    data = str(Path(data).resolve())
     if vocab_size is None:
         vocab_size = info.get("vocab_size")
         if not vocab_size:
@@ -182,8 +192,8 @@ def plan_sweep(
                 tokens_planned=d_planned, tokens=tokens, flops=six_nd(n, tokens),
                 flops_appendix_f=chinchilla_train_flops(cfg, seq_len, tokens), steps=steps,
                 global_batch_size=bsz, seq_len=seq_len, lr=float(lr if lr is not None else ladder_mod.gpt3_lr(pc.total)),
-                warmup_steps=max(1, round(warmup_frac * steps)), config=str(out / "configs" / f"{name}.yaml"),
-                run_dir=str(out / "runs" / name), model=cfg, epochs=epochs,
+                warmup_steps=max(1, round(warmup_frac * steps)), config=os.fspath(out / "configs" / f"{name}.yaml"),
+                run_dir=os.fspath(out / "runs" / name), model=cfg, epochs=epochs,
                 eval_batches=max(1, math.ceil(eval_tokens / (bsz * seq_len))),
             ))
     if not runs:
@@ -191,10 +201,9 @@ def plan_sweep(
             f"no run of the sweep gets {min_steps} steps: the budgets are too small for these sizes "
             f"(raise the budgets, lower the sizes, or lower --min-steps)."
         )
-    (out / "configs").mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out / "configs")
     for r in runs:
-        with open(r.config, "w") as fh:
-            yaml.safe_dump(run_config(r, data), fh, sort_keys=False)
+        storage.write_text_atomic(r.config, yaml.safe_dump(run_config(r, data), sort_keys=False))
     manifest = {
         "budgets": sorted(float(b) for b in budgets), "count": count, "seq_len": seq_len, "data": data,
         "data_tokens": info.get("tokens"), "vocab_size": vocab_size,
@@ -202,17 +211,17 @@ def plan_sweep(
         "runs": [dict(asdict(r), config=f"configs/{r.name}.yaml", run_dir=f"runs/{r.name}") for r in runs],
         "skipped": skipped,
     }
-    (out / "plan.json").write_text(json.dumps(manifest, indent=1))
     cmds = [launch_command(DEFAULT_TRAINER, r.config) for r in runs]
-    (out / "commands.sh").write_text("#!/usr/bin/env bash\n# One training run per line.\n" + "\n".join(
+    storage.write_text_atomic(out / "commands.sh", "#!/usr/bin/env bash\n# One training run per line.\n" + "\n".join(
         shlex.join(c) for c in cmds) + "\n")
+    storage.write_text_atomic(out / "plan.json", json.dumps(manifest, indent=1))  # last: the plan is complete
     return load_plan(out)
 
 
 def load_plan(plan_dir: str | Path) -> dict[str, Any]:
     """The manifest, with each run's `config` and `run_dir` as absolute paths inside `plan_dir` (wherever
     the directory is now)."""
-    plan_dir = Path(plan_dir).resolve()
+    plan_dir = _resolved(plan_dir)  # local or gs://
     path = plan_dir / "plan.json"
     if not path.is_file():
         raise SweepError(f"{plan_dir}: no plan.json here; expected a directory written by `llama-jax scaling plan`.")
@@ -223,20 +232,20 @@ def load_plan(plan_dir: str | Path) -> dict[str, Any]:
     if not isinstance(plan, dict) or not isinstance(plan.get("runs"), list):
         raise SweepError(f"{path}: expected an object with a list of runs.")
     for r in plan["runs"]:
-        r["config"] = str(plan_dir / "configs" / f"{r['name']}.yaml")
-        r["run_dir"] = str(plan_dir / "runs" / r["name"])
+        r["config"] = os.fspath(plan_dir / "configs" / f"{r['name']}.yaml")
+        r["run_dir"] = os.fspath(plan_dir / "runs" / r["name"])
     return plan
 
 
 def _point_config_at(run: dict[str, Any]) -> None:
     """Rewrite a run's config if its run_dir is not the plan's (the plan directory was moved)."""
-    path = Path(run["config"])
+    path = storage.path(run["config"])
     if not path.is_file():
         raise SweepError(f"{path}: the run config is missing; plan the sweep again.")
     cfg = yaml.safe_load(path.read_text())
     if cfg.get("run_dir") != run["run_dir"]:
         cfg["run_dir"] = run["run_dir"]
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        storage.write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def launch_command(template: str, config: str) -> list[str]:
@@ -252,7 +261,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a metrics.jsonl, one a line; blank or unparsable lines (a run killed while
     writing) are skipped."""
     out = []
-    with open(path) as fh:
+    with storage.path(path).open("r") as fh:  # local or gs://
         for line in fh:
             line = line.strip()
             if not line:
@@ -277,7 +286,7 @@ def reached_end(step: int, steps: int) -> bool:
 
 
 def run_finished(run: dict[str, Any]) -> bool:
-    m = Path(run["run_dir"]) / "metrics.jsonl"
+    m = storage.path(run["run_dir"]) / "metrics.jsonl"
     return m.is_file() and reached_end(last_step(read_metrics(m)), run["steps"])
 
 
@@ -301,7 +310,7 @@ def run_plan(
         if unknown:
             raise SweepError(f"{plan_dir}: no run named {unknown[0]!r} in plan.json.")
         runs = [r for r in runs if r["name"] in set(only)]
-    logs = Path(plan_dir) / "logs"
+    logs = _resolved(plan_dir) / "logs"
     status: dict[str, str] = {}
     for i, r in enumerate(runs, 1):
         argv = launch_command(trainer, r["config"])
@@ -314,13 +323,14 @@ def run_plan(
             status[r["name"]] = "skipped"
             continue
         _point_config_at(r)
-        logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{r['name']}.log"
         say(f"[{i}/{len(runs)}] {r['name']}: N={short(r['params'])} D={short(r['tokens'])} "
             f"steps={r['steps']} … log {log}")
         t0 = time.perf_counter()
-        with open(log, "w") as fh:
-            proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+        with _local_run_files(r["config"], log) as (config, local_log):
+            argv = launch_command(trainer, config)
+            with open(local_log, "w") as fh:
+                proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
         dt = time.perf_counter() - t0
         if proc.returncode == 0:
             status[r["name"]] = "done"
@@ -329,6 +339,25 @@ def run_plan(
             status[r["name"]] = f"failed (exit {proc.returncode})"
             say(f"    FAILED (exit {proc.returncode}) after {dt:.0f}s; see {log}")
     return status
+
+
+@contextlib.contextmanager
+def _local_run_files(config: str, log):
+    """(config, log) as local files for the trainer: themselves for a local plan (the log's folder made); for a
+    gs:// plan a local copy of the config and a local log, uploaded to `log` when the run ends (objects cannot
+    be appended to while the run writes)."""
+    if not storage.is_remote(log):
+        storage.makedirs(log.parent)
+        yield config, os.fspath(log)
+        return
+    with tempfile.TemporaryDirectory(prefix="llama-jax-sweep-") as tmp:
+        local_config, local_log = Path(tmp) / Path(config).name, Path(tmp) / log.name
+        local_config.write_bytes(storage.path(config).read_bytes())
+        try:
+            yield str(local_config), str(local_log)
+        finally:
+            if local_log.exists():
+                storage.upload_file(local_log, log)
 
 
 def final_loss(records: list[dict[str, Any]], last_k: int = 10) -> tuple[float, str] | None:
@@ -354,7 +383,7 @@ def collect(plan_dir: str | Path, csv_path: str | Path, *, last_k: int = 10,
     plan = load_plan(plan_dir)
     rows, problems = [], []
     for r in plan["runs"]:
-        rd = Path(r["run_dir"])
+        rd = storage.path(r["run_dir"])
         m = rd / "metrics.jsonl"
         if not m.is_file():
             problems.append(f"{r['name']}: no {m} (not run yet?)")
@@ -385,10 +414,11 @@ def collect(plan_dir: str | Path, csv_path: str | Path, *, last_k: int = 10,
         rows.append({"params": params, "tokens": tokens, "flops": six_nd(params, tokens), "loss": fl[0],
                      "budget": r["budget"], "loss_source": fl[1], "steps": max(step, 0), "run": r["name"]})
     if rows:
-        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            w.writeheader()
-            for row in rows:
-                w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        storage.makedirs(storage.path(csv_path).parent)
+        storage.write_text_atomic(csv_path, text.getvalue())
     return rows, problems
