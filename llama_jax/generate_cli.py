@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
-def _lora_run(ckpt: Path):
+def _lora_run(ckpt):
     """A LoRA training run (or one of its checkpoints) as (config, base with the adapters attached); None for
     any other weights. Its checkpoints hold the adapters only; the base comes from the run's train.init_from."""
     try:

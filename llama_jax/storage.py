@@ -302,8 +302,3 @@ def glob_sizes(pattern: PathLike) -> dict[str, int]:
     found = _gcs().glob(os.fspath(path(pattern)), detail=True)
     return {("gs://" + k.removeprefix("gs://")): int(v["size"]) for k, v in found.items()
             if v.get("type", "file") == "file"}
-
-
-def upload_file(src: PathLike, dst: PathLike) -> None:
-    """Upload local file `src` to gs:// `dst` as one object (streamed; visible only when complete)."""
-    _gcs().put_file(os.fspath(src), os.fspath(path(dst)))
