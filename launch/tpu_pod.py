@@ -97,6 +97,11 @@ def validate_locally(config: str, overrides: Sequence[str], accelerator_type: st
         cfg = load_config(config, list(overrides))
     except ConfigError as e:
         raise LaunchError(str(e)) from None
+    if cfg.mesh.dcn > 1:
+        raise LaunchError(f"{config}: mesh.dcn={cfg.mesh.dcn} asks for {cfg.mesh.dcn} slices joined by the data-center "
+                          f"network (multislice), but this launcher creates and runs one slice; check the config with "
+                          f"`llama-jax train --config {config} --dry-run --topology {accelerator_type} --num-slices "
+                          f"{cfg.mesh.dcn}`, or set mesh.dcn: 1 to train on one {accelerator_type}.")
     try:
         from llama_jax_train.sharding import MESH_AXES, ShardingError, resolve_mesh_shape
     except ImportError:  # jax missing on this machine: the mesh is checked by preflight on the pod

@@ -438,6 +438,10 @@ def test_tpu_launcher_refuses_mistakes_before_creating_anything(tmp_path):
     p = tpu(*args, "--accelerator-type", "v4-32", "--config", str(write_config(tmp_path, "runs/local")),
             "--set", "train.global_batch_size=16")
     assert p.returncode == 2 and "run_dir=runs/local is a relative path, but the 4 hosts of v4-32" in p.stderr
+    p = tpu(*args, "--accelerator-type", "v5p-32", "--config", str(write_config(tmp_path, "gs://b/r")),
+            "--set", "mesh.dcn=2")
+    assert p.returncode == 2 and "+ " not in p.stdout and len(p.stderr.strip().splitlines()) == 1
+    assert "mesh.dcn=2 asks for 2 slices" in p.stderr and "--num-slices 2" in p.stderr
     p = tpu(*args, "--accelerator-type", "v9-8", "--config", str(write_config(tmp_path, "gs://b/r")))
     assert p.returncode == 2 and "--accelerator-type 'v9-8' is not of the form" in p.stderr
     p = tpu(*args, "--accelerator-type", "v4-8")
