@@ -206,7 +206,8 @@ def test_loader_reads_a_bucket_like_the_local_copy(gcs, text, tmp_path, cache, m
 
 
 def test_train_on_data_in_a_bucket_gives_the_local_losses(gcs, tiny_run, tmp_path, cache):
-    """tiny_run's 4 steps again, its data prepared into a bucket from the same text and tokenizer."""
+    """tiny_run's 4 steps again, its data prepared into a bucket from the same text and tokenizer, and its
+    run_dir in the bucket too (tests/test_gcs_e2e.py kills and resumes a run in a bucket)."""
     from llama_jax.cli import main
     from llama_jax_train.metrics import read_metrics
     from train_helpers import fast_compile
@@ -215,13 +216,13 @@ def test_train_on_data_in_a_bucket_gives_the_local_losses(gcs, tiny_run, tmp_pat
     prepare([str(tiny_run["text"])], remote, str(tiny_run["data"] / "tokenizer.model"), split_blank_lines=True,
             progress=False, log=lambda m: None)
     cfg = yaml.safe_load(tiny_run["config"].read_text())
-    cfg["data"]["path"], cfg["run_dir"] = remote, str(tmp_path / "run")
+    cfg["data"]["path"], cfg["run_dir"] = remote, f"{gcs.bucket()}/run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
     with fast_compile(tiny_run["cache"]):
         assert main(["train", "--config", str(config)]) == 0
     want = [(r["step"], r["loss"]) for r in read_metrics(tiny_run["run"]) if "loss" in r]
-    got = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "run") if "loss" in r]
+    got = [(r["step"], r["loss"]) for r in read_metrics(cfg["run_dir"]) if "loss" in r]
     assert len(want) == 4 and got == want
 
 
