@@ -23,6 +23,7 @@ Tests point the clients at an emulator: `STORAGE_EMULATOR_HOST` (gcsfs and Googl
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,11 @@ from pathlib import Path as LocalPath
 from typing import Union
 
 from etils import epath
+
+# gcsfs logs each request that ran out of retries with its traceback (`logger.exception`); with no handler
+# configured, Python's last-resort handler printed it above our one-sentence error. A handler of its own
+# keeps it off the console; an application that configures logging still receives it (propagation).
+logging.getLogger("gcsfs").addHandler(logging.NullHandler())
 
 PathLike = Union[str, os.PathLike]
 
