@@ -127,6 +127,7 @@ class MetricsLogger:
         self.remote = storage.is_remote(run_dir)
         self._file = None
         self._pending: list[str] = []  # gs:// only: lines not yet uploaded
+        self._text: str | None = None  # gs:// only: the object's text as last uploaded (read once)
         self._uploaded = time.monotonic()
         self._tb = None
         self._tb_staging: Any = None  # gs:// only: the local directory the events are written to
@@ -199,7 +200,11 @@ class MetricsLogger:
                 self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
 
     def _upload(self) -> None:
-        storage.append_lines(self.path, self._pending)
+        if self._pending:  # objects cannot be appended to: the whole text again, in one upload
+            if self._text is None:
+                self._text = self.path.read_text() if self.path.exists() else ""
+            self._text += "".join(line + "\n" for line in self._pending)
+            storage.write_text_atomic(self.path, self._text)
         self._pending = []
         self._uploaded = time.monotonic()
         if self._tb_staging is not None:
