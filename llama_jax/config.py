@@ -96,7 +96,8 @@ class LlamaConfig:
     # Runtime (no effect on the function computed, only on speed/memory)
     dtype: str = "float32"  # activations / compute
     param_dtype: str = "float32"  # stored (master) weights
-    scan_layers: bool = False  # one compiled block via nn.scan; parameters get a leading `layers` axis
+    scan_layers: bool = False  # one compiled block via nn.scan; parameters get a leading `layers` axis (a
+    # config that alternates layer kinds scans whole periods: `layers/block_{j}`, see model._ScanPeriod)
     remat: str = "none"  # "none" | "full" | "save_dots"
     attention: str = "auto"  # "xla" (einsum + softmax, any device) | "cudnn" (fused, NVIDIA GPUs) | "splash"
     # (Pallas, TPU) | "blockwise" (causal blocks, CPU) | "auto" (the default: llama_jax.attention.resolve picks)
@@ -176,11 +177,11 @@ class LlamaConfig:
         for name in ("attn_scale",):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}.")
-        if self.scan_layers and self.layer_period > 1:
+        if self.scan_layers and self.n_layers % self.layer_period:
             raise ConfigError(
-                f"LlamaConfig.scan_layers needs layers of one kind, but this config alternates them with period "
-                f"{self.layer_period} (moe_interleave {self.moe_interleave}, nope_interval {self.nope_interval}); "
-                f"set scan_layers: false.")
+                f"LlamaConfig.scan_layers scans whole periods of layer kinds, but n_layers {self.n_layers} is not a "
+                f"multiple of the period {self.layer_period} (moe_interleave {self.moe_interleave}, nope_interval "
+                f"{self.nope_interval}); make it one or set scan_layers: false.")
         if self.sliding_window is not None and self.attention_chunk_size is not None:
             raise ConfigError("LlamaConfig.sliding_window and attention_chunk_size are exclusive; set one of them.")
 

@@ -273,6 +273,28 @@ class _ScanBlock(Block):
         return super().__call__(x, positions, mask, cache, end)
 
 
+class _ScanPeriod(nn.Module):
+    """One period of a stack that alternates layer kinds (`cfg.layer_period` = p blocks: Llama 4's three
+    RoPE layers and one NoPE layer), with nn.scan's signature, so the scan runs n_layers / p times over
+    it. Block j of the period stands for layers j, j + p, j + 2p, ...: its kind is layer j's, and its
+    parameters (`layers/block_{j}/...`) carry a leading axis of n_layers / p. Each block is rematerialised
+    on its own, so the backward pass holds one layer's activations at a time, as with p = 1."""
+
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cache, positions, mask, end):
+        cfg = self.cfg
+        block_cls = Block
+        if cfg.remat != "none":  # inside a scan body: the loop already keeps XLA from merging recomputations
+            block_cls = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        new = {}
+        for j in range(cfg.layer_period):
+            name = f"block_{j}"
+            x, new[name] = block_cls(cfg, j, name=name)(x, positions, mask, None if cache is None else cache[name], end)
+        return x, (None if cache is None else new)
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep matmul outputs
@@ -323,12 +345,14 @@ class Llama(nn.Module):
                                  prevent_cse=not cfg.scan_layers)
         layer_caches = None if cache is None else cache["layers"]
         if cfg.scan_layers:
+            # One compiled body, run n_layers / p times: a block (p = 1), or one period of alternating kinds.
+            body = (_ScanBlock if cfg.remat == "none" else block_cls) if cfg.layer_period == 1 else _ScanPeriod
             scanned = nn.scan(
-                _ScanBlock if cfg.remat == "none" else block_cls,
+                body,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
+                length=cfg.n_layers // cfg.layer_period,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, layer_caches = scanned(cfg, name="layers")(x, layer_caches, positions, mask, end)
@@ -357,11 +381,14 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = None) -> 
     """An empty KV cache for `batch` sequences of up to `length` tokens (prompt + generated).
 
     {"layers": per-layer {"k", "v"} of shape (B, K, S, H) — a list, or one dict with a leading L axis when
-    `cfg.scan_layers` —, "segment_ids": (B, S) int32 (0 = empty or padding), "end": int32 filled slots}."""
+    `cfg.scan_layers` (with a period p > 1 of layer kinds, {"block_j": {"k", "v"}} with a leading L / p
+    axis, as the parameters) —, "segment_ids": (B, S) int32 (0 = empty or padding), "end": int32 filled slots}."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
     if cfg.scan_layers:
-        layers: Any = {"k": jnp.zeros((cfg.n_layers, *shape), dtype), "v": jnp.zeros((cfg.n_layers, *shape), dtype)}
+        p = cfg.layer_period
+        stacked = {"k": jnp.zeros((cfg.n_layers // p, *shape), dtype), "v": jnp.zeros((cfg.n_layers // p, *shape), dtype)}
+        layers: Any = stacked if p == 1 else {f"block_{j}": jax.tree.map(jnp.copy, stacked) for j in range(p)}
     else:
         layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, length), jnp.int32), "end": jnp.array(0, jnp.int32)}
@@ -392,18 +419,23 @@ def active_params(cfg: LlamaConfig) -> int:
     return count_params(cfg) - n_moe * (cfg.n_experts - cfg.experts_per_token) * per_expert
 
 
-def stack_layers(params: dict) -> dict:
-    """Unrolled parameters (`layers_0`, `layers_1`, ...) → the scanned layout (`layers` with a leading L axis)."""
+def stack_layers(params: dict, period: int = 1) -> dict:
+    """Unrolled parameters (`layers_0`, `layers_1`, ...) → the scanned layout: `layers` with a leading L axis,
+    or, for a config whose layer kinds repeat with `period` p > 1 (`cfg.layer_period`), `layers/block_{j}`
+    holding layers j, j + p, ... with a leading L / p axis."""
     names = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))
+    stack = lambda names: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in names))  # noqa: E731
+    out["layers"] = stack(names) if period == 1 else {f"block_{j}": stack(names[j::period]) for j in range(period)}
     return out
 
 
 def unstack_layers(params: dict) -> dict:
-    """The scanned layout → unrolled parameters (`layers_0`, `layers_1`, ...)."""
+    """The scanned layout (either form, see `stack_layers`) → unrolled parameters (`layers_0`, `layers_1`, ...)."""
     out = {k: v for k, v in params.items() if k != "layers"}
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    stacked = params["layers"]
+    blocks = [stacked[f"block_{j}"] for j in range(len(stacked))] if "block_0" in stacked else [stacked]
+    p, n = len(blocks), jax.tree.leaves(blocks[0])[0].shape[0]
+    for i in range(n * p):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i // p], blocks[i % p])
     return out

@@ -81,8 +81,8 @@ def test_known_architecture_facts():
     (dict(moe_shared_expert=True), "need n_experts"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(sliding_window=8, attention_chunk_size=8), "exclusive"),
-    (dict(nope_interval=4, scan_layers=True), "scan_layers"),
-    (dict(n_experts=4, moe_interleave=2, scan_layers=True), "scan_layers"),
+    (dict(nope_interval=3, scan_layers=True), "not a multiple of the period 3"),  # 4 layers
+    (dict(n_experts=4, moe_interleave=3, scan_layers=True), "not a multiple of the period 3"),
     (dict(attn_floor_scale=0), "attn_floor_scale"),
     (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}), "high_freq_factor"),
 ])
@@ -241,14 +241,35 @@ def test_logits_match_transformers(case):
         assert np.abs(np.asarray(Llama(plain).apply({"params": params}, jnp.asarray(tokens))) - want).max() > 1e-3
 
 
-def test_mixtral_scan_layers_equals_unrolled():
-    from llama_jax.model import stack_layers
-    cfg = CASES["mixtral-top2"]
-    params = params_from_hf(cfg, hf_model(cfg))
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)))
+@pytest.mark.parametrize("case", ["llama4-scout-like", "llama4-maverick-like", "mixtral-top2"])
+def test_scanned_stack_equals_unrolled(case):
+    """The scanned stack (one period of layer kinds per scan step: Scout's RoPE/NoPE, Maverick's dense/MoE
+    too) computes the unrolled model's logits, gradients (with remat) and cached decode."""
+    from llama_jax.generate import decode_step, prefill
+    from llama_jax.model import stack_layers, unstack_layers
+    cfg = CASES[case].replace(n_layers=8)  # two periods of 4 for Llama 4, eight layers of one kind for Mixtral
+    params = random_params(cfg)
+    scanned, stacked = cfg.replace(scan_layers=True), stack_layers(params, cfg.layer_period)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: Llama(scanned).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    assert jax.tree.map(lambda x: x.shape, shapes["params"]) == jax.tree.map(lambda x: x.shape, stacked)
+    if cfg.layer_period > 1:
+        assert stacked["layers"]["block_3"]["attention"]["wq"].shape[0] == 2  # layers 3 and 7
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 21)))
     want = Llama(cfg).apply({"params": params}, tokens)
-    got = Llama(cfg.replace(scan_layers=True)).apply({"params": stack_layers(params)}, tokens)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(Llama(scanned).apply({"params": stacked}, tokens)), np.asarray(want), atol=1e-5)
+
+    def loss(p, c):
+        return jnp.mean(Llama(c).apply({"params": p}, tokens) ** 2)
+    ref = jax.grad(loss)(params, cfg.replace(remat="full"))
+    got = unstack_layers(jax.grad(loss)(stacked, scanned.replace(remat="full")))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4), got, ref)
+
+    logits, cache = prefill(scanned, stacked, tokens[:, :13], jnp.asarray([13, 13]), 24)
+    steps = [np.asarray(logits)]
+    for t in range(13, 21):
+        logits, cache = decode_step(scanned, stacked, tokens[:, t], jnp.asarray([t, t]), cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.stack(steps, 1), np.asarray(want)[:, 12:], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,8 +475,13 @@ def test_orbax_round_trips_unrolled_and_scanned(tmp_path):
         cfg2, back = load(tmp_path / case)
         assert cfg2 == cfg
         trees_equal_bitwise(params, back)
-    save(cfg, params, tmp_path / "hf", format="hf")  # Mixtral: one kind of layer, so it can be stacked
-    convert(tmp_path / "hf", tmp_path / "scanned", "orbax", scan_layers=True)
-    cfg3, stacked = load(tmp_path / "scanned")
-    assert cfg3.scan_layers
-    trees_equal_bitwise(stack_layers(params), stacked)
+    for case in ("llama4-maverick-like", "mixtral-top2"):  # alternating kinds (a period of 4) and one kind
+        cfg = CASES[case]
+        params = random_params(cfg)
+        save(cfg, params, tmp_path / f"{case}-hf", format="hf")
+        convert(tmp_path / f"{case}-hf", tmp_path / f"{case}-scanned", "orbax", scan_layers=True)
+        cfg3, stacked = load(tmp_path / f"{case}-scanned")
+        assert cfg3.scan_layers
+        trees_equal_bitwise(stack_layers(params, cfg.layer_period), stacked)
+        convert(tmp_path / f"{case}-scanned", tmp_path / f"{case}-hf2", "hf")  # and unstacked on the way out
+        trees_equal_bitwise(params, load(tmp_path / f"{case}-hf2")[1])

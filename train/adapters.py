@@ -63,7 +63,7 @@ def base_params(run: Any, model: LlamaConfig, base: str | None = None) -> Any:
     else:
         src_cfg, params = convert.load(source)
         if src_cfg.scan_layers != model.scan_layers:
-            params = stack_layers(params) if model.scan_layers else unstack_layers(params)
+            params = stack_layers(params, model.layer_period) if model.scan_layers else unstack_layers(params)
     return lora_base(model, run.lora, params)
 
 

@@ -10,6 +10,8 @@ its last checkpoint reproduces the uninterrupted run's losses bit for bit (on th
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import math
 import signal
@@ -229,13 +231,13 @@ def load_weights(path: str, model: LlamaConfig, abstract_params: Any, shardings:
         if src.scan_layers == model.scan_layers:
             return ckpt_lib.load_params(ck, step, abstract_params, shardings), src
         host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        their_shapes = jax.eval_shape(lambda: (stack_layers if src.scan_layers else unstack_layers)(
+        their_shapes = jax.eval_shape(lambda: (functools.partial(stack_layers, period=model.layer_period) if src.scan_layers else unstack_layers)(
             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params)))
         params = ckpt_lib.load_params(ck, step, their_shapes, jax.tree.map(lambda _: host, their_shapes))
     if src.scan_layers and not model.scan_layers:
         params = unstack_layers(params)
     elif model.scan_layers and not src.scan_layers:
-        params = stack_layers(params)
+        params = stack_layers(params, model.layer_period)
     params = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract_params)
     return jax.device_put(params, shardings), src
 

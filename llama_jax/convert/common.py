@@ -148,6 +148,27 @@ def layer_index(key: Key) -> int | None:
     return int(key[0].split("_")[1]) if key[0].startswith("layers_") else None
 
 
+def stacked_key(cfg: LlamaConfig, key: Key) -> tuple[Key, int | None]:
+    """Where the unrolled key `key` lives in `cfg.scan_layers`'s layout: (stored key, index along its leading
+    axis), or (key, None) for a leaf that is not stacked. Layer i is row i of `layers/...` when all layers are
+    of one kind, row i // p of `layers/block_{i % p}/...` when their kinds repeat with period p
+    (`model.stack_layers`)."""
+    i = layer_index(key)
+    if not cfg.scan_layers or i is None:
+        return key, None
+    p = cfg.layer_period
+    return (("layers", *key[1:]), i) if p == 1 else (("layers", f"block_{i % p}", *key[1:]), i // p)
+
+
+def stacked_parts(cfg: LlamaConfig, stored: Key) -> list[Key]:
+    """The unrolled keys a stored leaf is made of, in the order of its leading axis (`stacked_key` inverted)."""
+    if stored[0] != "layers":
+        return [stored]
+    p = cfg.layer_period
+    j, leaf = (0, stored[1:]) if p == 1 else (int(stored[1].split("_")[1]), stored[2:])
+    return [(f"layers_{i}", *leaf) for i in range(j, cfg.n_layers, p)]
+
+
 def cast(x: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)
 
@@ -207,16 +228,11 @@ class TreeSource(Source):
         check_tree(cfg, self.params, location)
 
     def _leaf(self, key: Key) -> tuple[Any, int | None]:
-        i = layer_index(key)
-        if self.cfg.scan_layers and i is not None:
-            node = self.params["layers"]
-            for k in key[1:]:
-                node = node[k]
-            return node, i
+        stored, i = stacked_key(self.cfg, key)
         node = self.params
-        for k in key:
+        for k in stored:
             node = node[k]
-        return node, None
+        return node, i
 
     def order(self) -> list[Key]:
         # With stacked layers, reading leaf by leaf across layers keeps one stacked leaf's slices hot.
@@ -234,7 +250,8 @@ def scanned_order(cfg: LlamaConfig) -> list[Key]:
     """Checkpoint keys grouped leaf by leaf (wq of every layer, then wk, ...): the streaming order for
     storage that keeps layers stacked."""
     keys = [("tok_embeddings", "embedding")]
-    keys += [(f"layers_{i}", *leaf) for leaf in layer_leaves(cfg, 0) for i in range(cfg.n_layers)]
+    p = cfg.layer_period if cfg.scan_layers else 1
+    keys += [(f"layers_{i}", *leaf) for j in range(p) for leaf in layer_leaves(cfg, j) for i in range(j, cfg.n_layers, p)]
     keys += [("norm", "scale")] + ([] if cfg.tie_embeddings else [("output",)])
     return keys
 
@@ -245,8 +262,10 @@ def expected_tree_shapes(cfg: LlamaConfig) -> dict[Key, tuple[int, ...]]:
     if not cfg.scan_layers:
         return table
     out = {k: v for k, v in table.items() if layer_index(k) is None}
-    for leaf in layer_leaves(cfg, 0):  # scanned layers are all of one kind
-        out[("layers", *leaf)] = (cfg.n_layers, *layer_leaf_shape(cfg, leaf))
+    p = cfg.layer_period  # layers j, j + p, ... are of one kind and stacked together
+    for j in range(p):
+        for leaf in layer_leaves(cfg, j):
+            out[stacked_key(cfg, (f"layers_{j}", *leaf))[0]] = (cfg.n_layers // p, *layer_leaf_shape(cfg, leaf, j))
     return out
 
 

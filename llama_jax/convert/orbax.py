@@ -47,6 +47,8 @@ from llama_jax.convert.common import (
     layer_index,
     np_dtype,
     scanned_order,
+    stacked_key,
+    stacked_parts,
 )
 
 ITEMS = ("params", "llama_config")
@@ -267,10 +269,7 @@ class OrbaxSource(Source):
         self._cached: tuple[Key, np.ndarray] | None = None
 
     def _stored(self, key: Key) -> tuple[Key, int | None]:
-        i = layer_index(key)
-        if self.cfg.scan_layers and i is not None:
-            return ("layers", *key[1:]), i
-        return key, None
+        return stacked_key(self.cfg, key)
 
     def order(self) -> list[Key]:
         return scanned_order(self.cfg) if self.cfg.scan_layers else self.keys()
@@ -374,15 +373,14 @@ def restore_params(path: str | os.PathLike, cfg: LlamaConfig, shardings: Any = N
     # Shardings for the stored layout, derived from the wanted ones (drop or add the leading layer axis).
     have: dict[Key, Any] = {}
     for k in expected_tree_shapes(stored):
-        i = layer_index(k)
-        if k[0] == "layers":  # stored stacked, wanted unrolled: the stack gets layer 0's sharding plus an L axis
-            have[k] = _with_layer_axis(want[("layers_0", *k[1:])], add=True)
-        elif i is not None:  # stored unrolled, wanted stacked
-            have[k] = _with_layer_axis(want[("layers", *k[1:])], add=False)
+        if k[0] == "layers":  # stored stacked, wanted unrolled: the stack gets its first layer's sharding plus an L axis
+            have[k] = _with_layer_axis(want[stacked_parts(stored, k)[0]], add=True)
+        elif layer_index(k) is not None:  # stored unrolled, wanted stacked
+            have[k] = _with_layer_axis(want[stacked_key(cfg, k)[0]], add=False)
         else:
             have[k] = want[k]
     _, params = load_orbax(step_dir, dtype=cfg.param_dtype, shardings=_nest(have))
-    convert = stack_layers if cfg.scan_layers else unstack_layers
+    convert = functools.partial(stack_layers, period=cfg.layer_period) if cfg.scan_layers else unstack_layers
     out_sh = _nest(want)
     return jax.jit(convert, out_shardings=out_sh)(params)
 
@@ -549,14 +547,11 @@ def write_orbax(src: Source, path: str | os.PathLike, *, dtype: Any = None, scan
         cfg = cfg.replace(param_dtype=dtype_name(dt))
 
     def parts(stored: Key) -> list[Key]:  # the source keys a stored leaf is made of
-        if stored[0] == "layers":
-            return [(f"layers_{i}", *stored[1:]) for i in range(cfg.n_layers)]
-        return [stored]
+        return stacked_parts(cfg, stored)
 
     leaves = {k: (shape, dt or src.dtype(parts(k)[0])) for k, shape in expected_tree_shapes(cfg).items()}
     # Write in the order the source reads best; a stacked leaf where its first layer comes.
-    order = list(dict.fromkeys(("layers", *k[1:]) if scan_layers and layer_index(k) is not None else k
-                               for k in src.order()))
+    order = list(dict.fromkeys(stacked_key(cfg, k)[0] for k in src.order()))
 
     def produce(stored: Key) -> np.ndarray:
         if stored[0] != "layers":

@@ -50,10 +50,9 @@ def hf_module(layer: int, kernel: str) -> str:
 def _unrolled(factors: dict) -> dict:
     if "layers" not in factors:
         return factors
-    import jax
+    from llama_jax.model import unstack_layers
 
-    n = jax.tree.leaves(factors["layers"])[0].shape[0]
-    return {f"layers_{i}": jax.tree.map(lambda x: np.asarray(x)[i], factors["layers"]) for i in range(n)}
+    return {k: v for k, v in unstack_layers(factors).items() if k.startswith("layers_")}
 
 
 def _to_peft(cfg: LlamaConfig, kernel: str, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
