@@ -8,17 +8,19 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
   "sigmoid" (Llama 4): keep the top-k *logits*, sigmoid each (no renormalisation).
 - `grouped_swiglu`: dropless dispatch. The M·k (token, expert) assignments are sorted by expert, so
   each expert's tokens are one contiguous group, and the three SwiGLU matmuls run as grouped matmuls
-  (no capacity, no dropped tokens). The result is un-sorted by the inverse permutation and the k
-  outputs of each token summed (a gather and a sum, no scatter-add, so it is deterministic).
+  (no capacity, no dropped tokens); w1 and w3 go together, as one (E, D, 2F) weight. The result is
+  un-sorted by the inverse permutation and the k outputs of each token summed (a gather and a sum), and
+  the backward pass does the same two shuffles the other way round (custom VJPs: no scatter-add, so it is
+  deterministic, and fast on CPU).
   Llama 4 scales each expert's *input* by its score; Mixtral scales the *output*.
   Three implementations of the grouped matmul (`DISPATCH`, `LlamaConfig.moe_dispatch`; "auto" picks by
   backend, `resolve_dispatch`):
   - "ragged_dot": `jax.lax.ragged_dot` over the unpadded groups. XLA:CPU lowers it to a contraction with
     every expert's weights and the other groups masked (E× the arithmetic), so it is not used on CPU.
   - "blocked" (CPU): every group padded to a multiple of a row block (at most T·k + E·(m−1) rows, a
-    static bound), then a loop over the blocks that are in use, each one (m, D) × (D, F) matmul with its
-    expert's weights (what megablox does on TPU, as plain XLA); a custom VJP loops over the blocks again
-    for the input and weight gradients. Arithmetic ≈ the active parameters' plus the padding.
+    static bound), then a loop over the experts and, inside, over the expert's blocks, each one (m, D) ×
+    (D, F) matmul with its expert's weights (what megablox does on TPU, as plain XLA); a custom VJP loops
+    again for the input and weight gradients. Arithmetic ≈ the active parameters' plus the padding.
   - "gmm" (TPU): the Pallas megablox grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`,
     its own VJP), on the unpadded groups; `interpret=True` runs it anywhere (tests).
 - `router_stats`: the Switch/Mixtral load-balancing loss, the ST-MoE router z-loss and the fraction of
@@ -117,23 +119,46 @@ def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w
     flat = idx.reshape(-1)  # (M·k,) assignment a = token · k + slot
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # (E,)
-    s = scores.reshape(-1)[order].astype(x.dtype)  # (M·k,)
-    if dispatch == "blocked":  # row rows[j] of the padded blocks holds sorted assignment j; the rest are zeros
+    if dispatch == "blocked":  # sorted assignment j sits at row rows[j] of the padded blocks; other rows are zeros
         rows, dot = _blocked_layout(flat[order], group_sizes, min(BLOCK_ROWS, _round_up(m * k, 8)))
-        token = jnp.full((dot.n_rows,), m, jnp.int32).at[rows].set((order // k).astype(jnp.int32))
-        xs = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token]  # token m: a zero row
-        s = jnp.zeros((dot.n_rows,), x.dtype).at[rows].set(s)
+        n_rows = dot.n_rows
     else:  # the sorted assignments as they are
-        rows, dot = jnp.arange(m * k, dtype=order.dtype), _unpadded_dot(dispatch, group_sizes, interpret)
-        xs = x[order // k]
-    s = s[:, None]
+        rows, dot, n_rows = jnp.arange(m * k, dtype=jnp.int32), _unpadded_dot(dispatch, group_sizes, interpret), m * k
+    # Row r of the grouped matmul holds token token[r] (m: a padding row, zeros); assignment a is at row roa[a].
+    token = jnp.full((n_rows,), m, jnp.int32).at[rows].set((order // k).astype(jnp.int32))
+    roa = jnp.zeros((m * k,), jnp.int32).at[order].set(rows)
+    s = jnp.zeros((n_rows,), x.dtype).at[rows].set(scores.reshape(-1)[order].astype(x.dtype))[:, None]
+    xs = _gather_rows(x, token, roa, k)
     if scale_inputs:
         xs = xs * s
-    y = dot(jax.nn.silu(dot(xs, w1)) * dot(xs, w3), w2)  # (rows of the grouped matmul, D)
+    # w1 and w3 as one (E, D, 2F) weight: one grouped matmul of twice the width instead of two.
+    gate, up = jnp.split(dot(xs, jnp.concatenate([w1, w3], axis=2)), 2, axis=1)
+    y = dot(jax.nn.silu(gate) * up, w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
         y = y * s
-    row_of_assignment = jnp.zeros_like(rows).at[order].set(rows)  # the inverse permutation (into padded rows)
-    return y[row_of_assignment].reshape(m, k, -1).sum(axis=1)
+    return _combine_rows(y, token, roa, k)
+
+
+# The two row shuffles of the dispatch, written as each other's transposes: autodiff would turn either gather
+# into a scatter-add in the backward pass, which XLA:CPU runs row by row (and which adds in an unspecified order).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_rows(x: Array, token: Array, roa: Array, k: int) -> Array:
+    """(M, D) tokens → (rows, D) rows of the grouped matmul: row r = x[token[r]], zeros where token[r] = M."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[token]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine_rows(y: Array, token: Array, roa: Array, k: int) -> Array:
+    """(rows, D) expert outputs → (M, D): token t gets the sum of its k assignments' rows roa[t·k + slot]."""
+    return y[roa].reshape(-1, k, y.shape[1]).sum(axis=1)
+
+
+_gather_rows.defvjp(lambda x, token, roa, k: (_gather_rows(x, token, roa, k), (token, roa)),
+                    lambda k, res, d: (_combine_rows(d, *res, k), None, None))
+_combine_rows.defvjp(lambda y, token, roa, k: (_combine_rows(y, token, roa, k), (token, roa)),
+                     lambda k, res, d: (_gather_rows(d, *res, k), None, None))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -165,15 +190,15 @@ def _gmm_tiling(tm: int, m: int, k: int, n: int) -> tuple[int, int, int]:
 
 
 class _BlockedDot:
-    """(n_rows, K) × (E, K, N) → (n_rows, N) where row block b (of `block` rows) uses expert `experts[b]`;
-    only the first `live` blocks are computed (the others are padding and stay zero)."""
+    """(n_rows, K) × (E, K, N) → (n_rows, N) where expert e's rows are the `count[e]` blocks (of `block` rows)
+    from block `first[e]` on; blocks past the last expert's are padding and stay zero."""
 
-    def __init__(self, experts: Array, live: Array, block: int, n_rows: int):
-        self.experts, self.live, self.block, self.n_rows = experts, live, block, n_rows
+    def __init__(self, first: Array, count: Array, block: int, n_rows: int):
+        self.first, self.count, self.block, self.n_rows = first, count, block, n_rows
 
     def __call__(self, a: Array, w: Array) -> Array:
         blocks = a.reshape(self.n_rows // self.block, self.block, a.shape[1])
-        return _block_matmul(blocks, w, self.experts, self.live).reshape(self.n_rows, w.shape[2])
+        return _block_matmul(blocks, w, self.first, self.count).reshape(self.n_rows, w.shape[2])
 
 
 def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tuple[Array, _BlockedDot]:
@@ -181,55 +206,65 @@ def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tu
     and the grouped matmul over those blocks."""
     n, n_experts = sorted_experts.shape[0], group_sizes.shape[0]
     n_blocks = (n + n_experts * (block - 1)) // block  # Σ_e ceil(g_e / block) ≤ this, for any group sizes
-    padded = (group_sizes + block - 1) // block * block
-    padded_end = jnp.cumsum(padded)
+    count = (group_sizes + block - 1) // block  # blocks per expert
+    first = jnp.cumsum(count) - count
     group_start = jnp.cumsum(group_sizes) - group_sizes
     rank = jnp.arange(n, dtype=jnp.int32) - group_start[sorted_experts]  # position inside its group
-    rows = (padded_end - padded)[sorted_experts] + rank
-    starts = jnp.arange(n_blocks, dtype=jnp.int32) * block
-    experts = jnp.minimum(jnp.searchsorted(padded_end, starts, side="right"), n_experts - 1).astype(jnp.int32)
-    return rows.astype(jnp.int32), _BlockedDot(experts, padded_end[-1] // block, block, n_blocks * block)
+    rows = first[sorted_experts] * block + rank
+    return rows.astype(jnp.int32), _BlockedDot(first.astype(jnp.int32), count.astype(jnp.int32), block, n_blocks * block)
 
 
-def _block_matmul_fwd_loop(blocks: Array, w: Array, experts: Array, live: Array) -> Array:
-    def body(b, out):
-        wb = jax.lax.dynamic_index_in_dim(w, experts[b], 0, keepdims=False)
-        xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
-        yb = jnp.dot(xb, wb, preferred_element_type=jnp.float32).astype(out.dtype)
-        return jax.lax.dynamic_update_index_in_dim(out, yb, b, 0)
+# The grouped matmul as two loops: over the experts, then over each expert's blocks. An expert's weight is
+# taken out of the (E, K, N) stack once per expert, not once per block (on CPU that copy cost as much as the
+# block's matmul), and its weight gradient is summed in the inner loop's carry and written once.
+
+
+def _block_matmul_fwd_loop(blocks: Array, w: Array, first: Array, count: Array) -> Array:
+    def expert(e, out):
+        we = w[e]
+
+        def block(b, out):
+            xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
+            yb = jnp.dot(xb, we, preferred_element_type=jnp.float32).astype(out.dtype)
+            return jax.lax.dynamic_update_index_in_dim(out, yb, b, 0)
+
+        return jax.lax.fori_loop(first[e], first[e] + count[e], block, out)
 
     out = jnp.zeros(blocks.shape[:2] + (w.shape[2],), blocks.dtype)
-    return jax.lax.fori_loop(0, live, body, out)
+    return jax.lax.fori_loop(0, w.shape[0], expert, out)
 
 
 @jax.custom_vjp
-def _block_matmul(blocks: Array, w: Array, experts: Array, live: Array) -> Array:
-    """blocks (B, m, K) × w (E, K, N) → (B, m, N): block b times w[experts[b]], for b < live (others 0)."""
-    return _block_matmul_fwd_loop(blocks, w, experts, live)
+def _block_matmul(blocks: Array, w: Array, first: Array, count: Array) -> Array:
+    """blocks (B, m, K) × w (E, K, N) → (B, m, N): block b times w[e] for the blocks of expert e (others 0)."""
+    return _block_matmul_fwd_loop(blocks, w, first, count)
 
 
-def _block_matmul_fwd(blocks, w, experts, live):
-    return _block_matmul_fwd_loop(blocks, w, experts, live), (blocks, w, experts, live)
+def _block_matmul_fwd(blocks, w, first, count):
+    return _block_matmul_fwd_loop(blocks, w, first, count), (blocks, w, first, count)
 
 
 def _block_matmul_bwd(res, dy):
-    """d blocks[b] = dy[b] · w[e_b]ᵀ; d w[e] = Σ_{b: e_b = e} blocks[b]ᵀ · dy[b] (float32 accumulation)."""
-    blocks, w, experts, live = res
+    """d blocks[b] = dy[b] · w[e]ᵀ; d w[e] = Σ over e's blocks of blocks[b]ᵀ · dy[b] (float32 accumulation)."""
+    blocks, w, first, count = res
 
-    def body(b, carry):
+    def expert(e, carry):
         dx, dw = carry
-        e = experts[b]
-        wb = jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
-        xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
-        dyb = jax.lax.dynamic_index_in_dim(dy, b, 0, keepdims=False)
-        dxb = jax.lax.dot_general(dyb, wb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        dwb = jax.lax.dot_general(xb, dyb, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        dx = jax.lax.dynamic_update_index_in_dim(dx, dxb.astype(dx.dtype), b, 0)
-        dw = jax.lax.dynamic_update_index_in_dim(dw, jax.lax.dynamic_index_in_dim(dw, e, 0, False) + dwb, e, 0)
-        return dx, dw
+        we_t = w[e].T
 
-    dx, dw = jax.lax.fori_loop(0, live, body, (jnp.zeros_like(blocks), jnp.zeros(w.shape, jnp.float32)))
-    return dx, dw.astype(w.dtype), None, None
+        def block(b, carry):
+            dx, dwe = carry
+            xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
+            dyb = jax.lax.dynamic_index_in_dim(dy, b, 0, keepdims=False)
+            dxb = jnp.dot(dyb, we_t, preferred_element_type=jnp.float32)
+            dwe = dwe + jnp.dot(xb.T, dyb, preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_index_in_dim(dx, dxb.astype(dx.dtype), b, 0), dwe
+
+        dx, dwe = jax.lax.fori_loop(first[e], first[e] + count[e], block, (dx, jnp.zeros(w.shape[1:], jnp.float32)))
+        return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe.astype(dw.dtype), e, 0)
+
+    dx, dw = jax.lax.fori_loop(0, w.shape[0], expert, (jnp.zeros_like(blocks), jnp.zeros_like(w)))
+    return dx, dw, None, None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
