@@ -117,17 +117,28 @@ def expert_width(dim: int, multiple_of: int, ffn_dim_multiplier: float, ffn_exp:
 
 def sizing_for(cfg: LlamaConfig) -> tuple[int, float, float] | None:
     """(multiple_of, ffn_dim_multiplier, ffn_exp) for which Meta's rules give cfg's widths (dense layers:
-    ffn_hidden; experts: expert_hidden, with capacity_factor 1 and auto_scale_F), the released constants
-    first; None if there is none."""
+    ffn_hidden; experts: expert_hidden, with capacity_factor 1 and auto_scale_F): the released constants if
+    they fit, else the dense rule `meta.ffn_rule` finds with a round ffn_exp, else with the ffn_exp that
+    makes int(ffn_exp·dim) the integer the expert width needs; None if there is none."""
+    from llama_jax.convert.meta import ffn_rule
+
+    rules = [RELEASED_SIZING[:2]]
+    rule = ffn_rule(cfg.dim, cfg.ffn_hidden)
+    if rule is not None:  # Meta's MoE sizing multiplies by ffn_dim_multiplier unconditionally: None means 1.0
+        rules.append((rule[0], 1.0 if rule[1] is None else rule[1]))
     has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
-    mults = (1.2, 1.0, 1.3, 1.5, 2.0, 0.5)
-    candidates = [RELEASED_SIZING] + [(m, f, e) for e in (4.0, 2.0, 8.0, 1.0, 3.0) for f in mults
-                                      for m in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)]
-    for multiple_of, mult, exp in candidates:
+    for multiple_of, mult in rules:
         if meta_ffn_hidden(cfg.dim, multiple_of, mult) != cfg.ffn_hidden:
             continue
-        if not has_moe or expert_width(cfg.dim, multiple_of, mult, exp) == cfg.expert_hidden:
-            return multiple_of, mult, exp
+        if not has_moe:
+            return multiple_of, mult, 4.0
+        # int(ffn_exp·dim) = x: about 3·width/mult; scan a window around it wide enough for the roundings.
+        guess = int(3 * cfg.expert_hidden / mult)
+        exps = [4.0, 2.0, 8.0, 1.0] + [x / cfg.dim for x in range(max(1, guess - 3 * multiple_of - 8),
+                                                                 guess + 3 * multiple_of + 8)]
+        for exp in exps:
+            if expert_width(cfg.dim, multiple_of, mult, exp) == cfg.expert_hidden:
+                return multiple_of, mult, exp
     return None
 
 
@@ -412,7 +423,7 @@ class Llama4MetaSource(Source):
 
     def read(self, key: Key) -> np.ndarray:
         t, part = self.by_key[key]
-        return np.ascontiguousarray(from_meta(self.cfg, key, self._assemble(part, t)))
+        return from_meta(self.cfg, key, self._assemble(part, t))
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -444,15 +455,7 @@ def write_meta_llama4(src: Source, out: str | os.PathLike, *, num_shards: int = 
                    for i in range(n)]
         try:
             for t in tensors:
-                full = [cast(to_meta(cfg, p.key, src.read(p.key)), types[t.name]) for p in t.parts]
-                for i, w in enumerate(writers):
-                    rows = []
-                    for p, m in zip(t.parts, full):
-                        step = 0 if p.dim is None else p.piece[p.dim]
-                        piece = m if p.dim is None else m[(slice(None),) * p.dim + (slice(i * step, (i + 1) * step),)]
-                        rows.append(piece.reshape(-1, *t.shape[1:]))
-                    w.write(t.name, rows[0] if len(rows) == 1 else np.concatenate(rows))
-                del full
+                _write_tensor(t, [cast(to_meta(cfg, p.key, src.read(p.key)), types[t.name]) for p in t.parts], writers)
             for w in writers:
                 w.close()
         except BaseException:
@@ -462,3 +465,15 @@ def write_meta_llama4(src: Source, out: str | os.PathLike, *, num_shards: int = 
         for f in extra_files:
             shutil.copyfile(f, tmp / f.name)
     return Path(out)
+
+
+def _write_tensor(t: MetaTensor, parts: list[np.ndarray], writers: list) -> None:
+    """Write file i's share of tensor t (each part in Meta's layout, whole) to writers[i]. A function of its
+    own so that nothing of this tensor outlives the call (a slice would keep a whole part alive)."""
+    for i, w in enumerate(writers):
+        rows = []
+        for p, m in zip(t.parts, parts):
+            step = 0 if p.dim is None else p.piece[p.dim]
+            piece = m if p.dim is None else m[(slice(None),) * p.dim + (slice(i * step, (i + 1) * step),)]
+            rows.append(piece.reshape(-1, *t.shape[1:]))  # this file's rows (a copy where the slice is strided)
+        w.write(t.name, rows[0] if len(rows) == 1 else np.concatenate(rows))
