@@ -168,9 +168,9 @@ def read_files(directory: Path) -> list[dict[str, torch.Tensor]]:
     return [torch.load(f, weights_only=True) for f in sorted(directory.glob("consolidated.*.pth"))]
 
 
-def make_checkpoint(name: str, directory: Path):
+def make_checkpoint(name: str, directory: Path, mp: int | None = None):
     """(Meta module, number of files) of case `name`, written to `directory` and judged by Meta's loader."""
-    params, mp = CASES[name]
+    params, mp = CASES[name][0], mp or CASES[name][1]
     model = meta_model(params)
     write_meta_checkpoint(model, params, directory, mp)
     assert_same_module(meta_load(directory), model)  # Meta's loader reads back exactly these weights
@@ -223,6 +223,12 @@ def test_released_configs_read_back_as_the_presets():
         assert meta_llama4.config_from_params(p, vocab_size=202048, tied=False, location="x") == preset
     # Meta's expert width rule on the released constants: 8192 (and 16384 for Maverick's dense layers).
     assert meta_llama4.expert_width(5120, 2048, 1.2, 4.0) == 8192
+    # Other widths: export finds sizing parameters that Meta's rules (as restated here) map back to them.
+    base = meta_llama4.config_from_params(CASES["maverick-like"][0], vocab_size=128, tied=False, location="x")
+    for ffn, expert in ((176, 96), (176, 32), (176, 48), (176, 400), (256, 96), (192, 64)):
+        cfg = base.replace(ffn_hidden=ffn, moe_hidden=expert)
+        back = meta_llama4.config_from_params(meta_llama4.params_json(cfg), vocab_size=128, tied=False, location="x")
+        assert (back.ffn_hidden, back.expert_hidden) == (ffn, expert)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -383,3 +389,37 @@ def test_multimodal_checkpoint_gives_its_text_model(meta_runtime, tmp_path):
     a, b = load(d)[1], load(text_only)[1]
     import jax
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_extra_state_records_and_gate_statistics_are_skipped(meta_runtime, tmp_path):
+    """Meta's Llama 4 files may hold `*._extra_state` records (io.BytesIO, which Meta's generation.py allows
+    in torch.load and its load hooks drop) and router statistics (which its non-strict load ignores). Meta's
+    own path reads such a file into the same module; so do we (allowing io.BytesIO only while indexing)."""
+    import codecs
+    import io
+
+    from llama_models.checkpoint import maybe_reshard_state_dict
+    from llama_models.llama4.args import ModelArgs
+    from llama_models.llama4.model import Transformer
+
+    d = tmp_path / "te"
+    model, _ = make_checkpoint("maverick-like", d, mp=1)  # one file: Meta reshards nothing, as with 8 files on 8 GPUs
+
+    def add(i, sd):
+        for j in range(4):
+            for layer in ("attention.wqkv", "attention.wo"):
+                sd[f"layers.{j}.{layer}._extra_state"] = io.BytesIO(b"fp8 metadata")
+        sd["layers.1.feed_forward.global_gate_stats_3E"] = torch.zeros(3, 4)
+    _edit(d, add)
+    args = ModelArgs(**json.loads((d / "params.json").read_text()), max_seq_len=64, max_batch_size=2)
+    with torch.serialization.safe_globals([io.BytesIO, codecs.encode]):  # what Meta's generation.py allows
+        sd = maybe_reshard_state_dict([d / "consolidated.00.pth"], n_kv_heads=args.n_kv_heads, moe_num_experts=4)
+    torch.set_default_dtype(torch.float32)
+    meta = Transformer(args).eval()
+    missing, unexpected = meta.load_state_dict(dict(sd), strict=False)
+    assert not missing and unexpected == ["layers.1.feed_forward.global_gate_stats_3E"]
+    assert_same_module(meta, model)
+    assert io.BytesIO not in torch.serialization.get_safe_globals()
+    cfg, params = load(d)
+    got = np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(TOKENS)))
+    assert np.abs(got - meta_logits(model, TOKENS)).max() <= TOL

@@ -375,6 +375,11 @@ def _refuse_message(path: Any, e: Exception) -> str:
             f"tensor checkpoints are read (torch.load weights_only=True), because arbitrary pickles can run code.")
 
 
+# Besides tensors, only io.BytesIO may be unpickled: Llama 4's files carry `*._extra_state` records of that
+# type (Meta's loader allows it the same way and its load hooks drop them); it holds bytes, runs no code.
+_SAFE_GLOBALS = [io.BytesIO]
+
+
 def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     """Names → locations of the tensors of a torch checkpoint, without reading their bytes or running code."""
     torch = require_torch(f"reading {path}")
@@ -390,7 +395,8 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
         raise ConvertError(f"{path}: not a PyTorch checkpoint: it starts with neither a zip header nor a pickle "
                            f"(corrupt, or another format).")
     try:
-        sd = torch.load(path, map_location="meta", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            sd = torch.load(path, map_location="meta", weights_only=True)
         fallback = None
     except pickle.UnpicklingError as e:
         raise ConvertError(_refuse_message(path, e)) from None
@@ -402,6 +408,8 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     dtypes = _torch_dtypes()
     out: dict[str, PthTensor] = {}
     for name, t in sd.items():
+        if name.endswith("._extra_state") and isinstance(t, io.BytesIO):
+            continue  # a training framework's per-layer metadata (Llama 4's fused layers), not a weight
         if not isinstance(t, torch.Tensor):
             raise ConvertError(f"{path}: entry {name!r} is a {type(t).__name__}, expected a tensor.")
         if t.dtype not in dtypes:
@@ -412,7 +420,8 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
         base = getattr(storage, "_checkpoint_offset", None)
         if base is None:  # torch too old to report offsets: fall back to an mmap of the file
             if fallback is None:
-                fallback = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                    fallback = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             out[name] = PthTensor(path, name, tuple(t.shape), dt, 0, tensor=fallback[name])
             continue
         entry = PthTensor(path, name, tuple(t.shape), dt, base + t.storage_offset() * dt.itemsize)

@@ -40,7 +40,9 @@ export finds sizing parameters that reproduce them (Meta's released constants fi
 ffn_dim_multiplier 1.2, ffn_exp 4). `max_seq_len` is not written (Meta's builder passes it besides
 params.json and fails on a duplicate); on import it defaults to the released context lengths (10M tokens
 with scaled RoPE as Scout, 1M otherwise). A multimodal checkpoint's vision tensors (`vision_embeddings.*`,
-`vision_projection.*`) are skipped: the text model is read (`skipped` counts them).
+`vision_projection.*`) are skipped: the text model is read (`skipped` counts them). So are what is not a
+weight: `*._extra_state` records (io.BytesIO; see `meta.index_pth`) and the routers' training statistics
+(`global_gate_stats_3E`, `running_gate_stats_3E`, `expert_activation_DE`); export writes neither.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ LLAMA4_ONLY_KEYS = ("moe_args", "ffn_exp", "nope_layer_interval", "attention_chu
 # Meta's released sizing constants (Scout and Maverick), tried first on export.
 RELEASED_SIZING = (2048, 1.2, 4.0)
 VISION_PREFIXES = ("vision_embeddings.", "vision_projection.")
+GATE_STATS = (".feed_forward.global_gate_stats_3E", ".feed_forward.running_gate_stats_3E",
+              ".feed_forward.expert_activation_DE")
 
 
 def is_llama4_checkpoint(params: dict[str, Any], names: set[str]) -> bool:
@@ -118,14 +122,16 @@ def expert_width(dim: int, multiple_of: int, ffn_dim_multiplier: float, ffn_exp:
 def sizing_for(cfg: LlamaConfig) -> tuple[int, float, float] | None:
     """(multiple_of, ffn_dim_multiplier, ffn_exp) for which Meta's rules give cfg's widths (dense layers:
     ffn_hidden; experts: expert_hidden, with capacity_factor 1 and auto_scale_F): the released constants if
-    they fit, else the dense rule `meta.ffn_rule` finds with a round ffn_exp, else with the ffn_exp that
-    makes int(ffn_exp·dim) the integer the expert width needs; None if there is none."""
+    they fit, else the dense rule `meta.ffn_rule` finds (or another round one) with a round ffn_exp, or with
+    the ffn_exp that makes int(ffn_exp·dim) the integer the expert width needs; None if there is none."""
     from llama_jax.convert.meta import ffn_rule
 
     rules = [RELEASED_SIZING[:2]]
     rule = ffn_rule(cfg.dim, cfg.ffn_hidden)
     if rule is not None:  # Meta's MoE sizing multiplies by ffn_dim_multiplier unconditionally: None means 1.0
         rules.append((rule[0], 1.0 if rule[1] is None else rule[1]))
+    # Other round pairs that give the dense width too: the expert width may need a smaller multiple_of.
+    rules += [(m, f) for f in (1.0, 1.2, 1.3, 1.5) for m in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)]
     has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
     for multiple_of, mult in rules:
         if meta_ffn_hidden(cfg.dim, multiple_of, mult) != cfg.ffn_hidden:
@@ -342,8 +348,10 @@ class Llama4MetaSource(Source):
         check_json_fields(params, PARAMS_KINDS, pj)
         have = set(shards[0])
         vision = [x for x in have if x.startswith(VISION_PREFIXES)] if params.get("vision_args") else []
+        # Statistics of training, not weights (Meta's loader ignores them too: it loads with strict=False).
+        stats = [x for x in have if x.endswith(GATE_STATS)]
         self.skipped = len(vision)  # the multimodal checkpoint's vision encoder and projector
-        have -= set(vision) | {"rope.freqs"}
+        have -= set(vision) | set(stats) | {"rope.freqs"}
         emb = shards[0].get("tok_embeddings.weight")
         if emb is None:
             raise ConvertError(f"{files[0]}: tensor tok_embeddings.weight is missing.")
