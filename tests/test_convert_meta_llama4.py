@@ -121,7 +121,8 @@ def write_meta_checkpoint(model, params: dict, directory: Path, mp: int, dtype=t
             whole(p + "ffn_norm.weight", ff + "norm.weight")
             whole(ff + "router_DE", ff + "router_DE")
             d = params["dim"]
-            for w, new, dim in (("w1", "moe_w_in_eD_F", 2), ("w3", "moe_w_swiglu_eD_F", 2), ("w2", "moe_w_out_eF_D", 1)):
+            experts = (("w1", "moe_w_in_eD_F", 2), ("w3", "moe_w_swiglu_eD_F", 2), ("w2", "moe_w_out_eF_D", 1))
+            for w, new, dim in experts:  # each file: a slice of F, flattened to (E·D, F/mp) / (E·F/mp, D)
                 for f, piece in zip(files, sd[ff + "experts." + w].chunk(mp, dim)):
                     f[ff + "experts." + new] = piece.reshape(-1, piece.shape[-1] if dim == 2 else d)
             split(ff + "shared_expert.w1.weight", ff + "w_in_shared_FD.weight", 0)

@@ -263,7 +263,9 @@ class Part:
 
     def full(self, n: int) -> tuple[int, ...]:
         """The part assembled from n files, in Meta's layout."""
-        return self.piece if self.dim is None else tuple(s * n if i == self.dim else s for i, s in enumerate(self.piece))
+        if self.dim is None:
+            return self.piece
+        return tuple(s * n if i == self.dim else s for i, s in enumerate(self.piece))
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,8 @@ class Llama4MetaSource(Source):
                  vocab_size: int | None = None):
         from llama_jax.convert.meta import _tokenizer_vocab
 
-        self.dir, self.location, self.params, self.files, self.shards = Path(directory), str(directory), params, files, shards
+        self.dir, self.location = Path(directory), str(directory)
+        self.params, self.files, self.shards = params, files, shards
         pj, n = str(self.dir / "params.json"), len(files)
         check_json_fields(params, PARAMS_KINDS, pj)
         have = set(shards[0])
@@ -362,16 +365,16 @@ class Llama4MetaSource(Source):
         cfg = config_from_params(params, vocab_size=int(vocab), tied=False, location=pj)
         for what, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("vocab_size", cfg.vocab_size)):
             if size % n:
-                raise ConvertError(f"{self.dir}: {n} shard files, but params.json's {what} ({size}) is not divisible by "
-                                   f"{n}; the files do not belong to this params.json.")
+                raise ConvertError(f"{self.dir}: {n} shard files, but params.json's {what} ({size}) is not divisible "
+                                   f"by {n}; the files do not belong to this params.json.")
         self.tensors = {t.name: t for t in meta_tensors(cfg, n)}
+        described = (f"params.json describes {cfg.n_layers} layers{self._moe_words(cfg)}; Llama 4 checkpoints name "
+                     f"tensors as Meta's load hooks do")
         for name in self.tensors:
             if name not in have and name != "output.weight":
-                raise ConvertError(f"{files[0]}: tensor {name} is missing (params.json describes {cfg.n_layers} layers"
-                                   f"{self._moe_words(cfg)}; Llama 4 checkpoints name tensors as Meta's load hooks do).")
+                raise ConvertError(f"{files[0]}: tensor {name} is missing ({described}).")
         for name in sorted(have - set(self.tensors)):
-            raise ConvertError(f"{files[0]}: unexpected tensor {name} (params.json describes {cfg.n_layers} layers"
-                               f"{self._moe_words(cfg)}; Llama 4 checkpoints name tensors as Meta's load hooks do).")
+            raise ConvertError(f"{files[0]}: unexpected tensor {name} ({described}).")
         for t in self.tensors.values():
             if t.name in have:
                 self._check_files(t, cfg)
@@ -379,14 +382,17 @@ class Llama4MetaSource(Source):
                                                         self._assemble(self.tensors["tok_embeddings.weight"].parts[0]))
         self.cfg = config_from_params(params, vocab_size=int(vocab), tied=tied, location=pj)
         self.cfg = self.cfg.replace(param_dtype=dtype_name(shards[0]["layers.0.attention.wqkv.weight"].dtype))
-        self.by_key = {p.key: (t, p) for t in meta_tensors(self.cfg, n) for p in t.parts}
+        self.by_key: dict[Key, tuple[MetaTensor, Part]] = {}
+        for t in meta_tensors(self.cfg, n):  # a tied embedding is read from tok_embeddings (first), not output
+            for p in t.parts:
+                self.by_key.setdefault(p.key, (t, p))
 
     @staticmethod
     def _moe_words(cfg: LlamaConfig) -> str:
         if not cfg.n_experts:
             return ", no experts"
-        return f", {cfg.n_experts} experts in every {cfg.moe_interleave}th layer" if cfg.moe_interleave > 1 else \
-            f", {cfg.n_experts} experts in every layer"
+        every = "every layer" if cfg.moe_interleave == 1 else f"one layer of every {cfg.moe_interleave}"
+        return f", {cfg.n_experts} experts in {every}"
 
     def _check_files(self, t: MetaTensor, cfg: LlamaConfig) -> None:
         n = len(self.files)
@@ -459,8 +465,8 @@ def write_meta_llama4(src: Source, out: str | os.PathLike, *, num_shards: int = 
     types = {t.name: dt or src.dtype(t.parts[0].key) for t in tensors}
     with atomic_dir(out) as tmp:
         (tmp / "params.json").write_text(json.dumps(pj, indent=2) + "\n")
-        writers = [TorchZipWriter(tmp / f"consolidated.{i:02d}.pth", [(t.name, t.shape, types[t.name]) for t in tensors])
-                   for i in range(n)]
+        specs = [(t.name, t.shape, types[t.name]) for t in tensors]  # every file holds every tensor, 1/n of it
+        writers = [TorchZipWriter(tmp / f"consolidated.{i:02d}.pth", specs) for i in range(n)]
         try:
             for t in tensors:
                 _write_tensor(t, [cast(to_meta(cfg, p.key, src.read(p.key)), types[t.name]) for p in t.parts], writers)
