@@ -5,8 +5,9 @@ A tiny Llama 4 is built with Meta's `Transformer` (random weights), its state di
 checkpoint layout by a test-side writer (fused wqkv, flattened experts, fc1 = w1 and w3, model-parallel
 files), and Meta's loader is the judge of that layout: `maybe_reshard_state_dict` merges the files (Meta's
 own resharding rules) and the module's load hooks unfuse them with `strict=True`, giving back every
-parameter bit for bit. `llama_jax.convert.load` then reads the same files and its logits are compared with
-Meta's forward (full forwards over more than two attention chunks; Meta's single-token decode sees the
+parameter bit for bit; and Meta's model run model-parallel (one gloo process per file, each loading its own
+file strictly) computes from them the logits we compute. `llama_jax.convert.load` reads the same files and its
+logits are compared with Meta's forward (full forwards over more than two attention chunks; Meta's single-token decode sees the
 whole cache on chunked layers, which the model deliberately does not follow). Export is judged by Meta's
 loader too, and must reproduce the original files' tensors bit for bit.
 """
@@ -230,6 +231,65 @@ def test_released_configs_read_back_as_the_presets():
         cfg = base.replace(ffn_hidden=ffn, moe_hidden=expert)
         back = meta_llama4.config_from_params(meta_llama4.params_json(cfg), vocab_size=128, tied=False, location="x")
         assert (back.ffn_hidden, back.expert_hidden) == (ffn, expert)
+
+
+# Meta's model at model-parallel size n: one process per file over gloo, each loading only its own file
+# (strict, no resharding), as Meta's builder does when the GPU count equals the file count.
+MODEL_PARALLEL_RANK = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+import torch.distributed as dist
+
+torch.Tensor.cuda = lambda self, *a, **k: self  # Meta's KV cache asks for a GPU
+directory, tokens, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo")
+from fairscale.nn.model_parallel import initialize as fs_init
+fs_init.initialize_model_parallel(dist.get_world_size())
+from llama_models.llama4.args import ModelArgs
+from llama_models.llama4.datatypes import TransformerInput
+from llama_models.llama4.model import Transformer
+rank = dist.get_rank()
+args = ModelArgs(**json.loads((directory / "params.json").read_text()), max_seq_len=64, max_batch_size=2)
+model = Transformer(args).eval()
+model.load_state_dict(torch.load(directory / f"consolidated.{rank:02d}.pth", weights_only=True), strict=True)
+logits = model(TransformerInput(tokens=torch.tensor(np.load(tokens)), tokens_position=0)).logits
+if rank == 0:
+    np.save(out, logits.numpy())
+dist.destroy_process_group()
+"""
+
+
+def meta_logits_model_parallel(directory: Path, n: int, tmp: Path) -> np.ndarray:
+    import os
+    import subprocess
+    import sys
+
+    (tmp / "rank.py").write_text(MODEL_PARALLEL_RANK)
+    np.save(tmp / "tokens.npy", TOKENS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
+    procs = [subprocess.Popen([sys.executable, str(tmp / "rank.py"), str(directory), str(tmp / "tokens.npy"),
+                               str(tmp / "logits.npy")], env=dict(env, RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(n)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    return np.load(tmp / "logits.npy")
+
+
+@pytest.mark.parametrize("name", ["maverick-like", pytest.param("scout-like", marks=pytest.mark.slow)])
+def test_metas_model_parallel_runtime_reads_each_file_as_is(meta_runtime, tmp_path, name):
+    """Each file is what Meta's model-parallel rank expects (2 ranks; 8 for the Scout-like one, slow): their
+    joint forward gives our logits from the same files."""
+    _, mp = make_checkpoint(name, tmp_path / "meta")
+    want = meta_logits_model_parallel(tmp_path / "meta", mp, tmp_path)
+    cfg, params = load(tmp_path / "meta")
+    err = float(np.abs(np.asarray(Llama(cfg).apply({"params": params}, jnp.asarray(TOKENS))) - want).max())
+    print(f"{name}: Meta's model at model-parallel size {mp}, max |logits - ours| = {err:.2e}")
+    assert err <= TOL, err
 
 
 # ---------------------------------------------------------------------------------------------- export
