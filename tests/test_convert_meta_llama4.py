@@ -1,15 +1,15 @@
 """Meta's Llama 4 `.pth` checkpoints, judged by Meta's own code (`llama_models/llama4/`, the `llama-models`
-package, with fairscale's model-parallel layers on one CPU process).
+package, with fairscale's model-parallel layers on CPU over gloo).
 
 A tiny Llama 4 is built with Meta's `Transformer` (random weights), its state dict is written in Meta's
 checkpoint layout by a test-side writer (fused wqkv, flattened experts, fc1 = w1 and w3, model-parallel
-files), and Meta's loader is the judge of that layout: `maybe_reshard_state_dict` merges the files (Meta's
-own resharding rules) and the module's load hooks unfuse them with `strict=True`, giving back every
-parameter bit for bit; and Meta's model run model-parallel (one gloo process per file, each loading its own
-file strictly) computes from them the logits we compute. `llama_jax.convert.load` reads the same files and its
-logits are compared with Meta's forward (full forwards over more than two attention chunks; Meta's single-token decode sees the
-whole cache on chunked layers, which the model deliberately does not follow). Export is judged by Meta's
-loader too, and must reproduce the original files' tensors bit for bit.
+files), and Meta's code is the judge of that layout: `maybe_reshard_state_dict` merges the files (Meta's own
+resharding rules) and the module's load hooks unfuse them with `strict=True`, giving back every parameter
+bit for bit; Meta's model run model-parallel (one process per file, each loading its own file strictly)
+computes from them the logits we compute. `llama_jax.convert.load` reads the same files and its logits are
+compared with Meta's forward (full forwards over more than two attention chunks; Meta's single-token decode
+sees the whole cache on chunked layers, which the model deliberately does not follow). Export is judged by
+Meta's loader too, and must reproduce the original files' tensors bit for bit.
 """
 
 from __future__ import annotations
