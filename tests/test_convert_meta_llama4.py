@@ -342,6 +342,20 @@ def test_export_refusals_write_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_tied_embeddings_write_a_copy_and_read_back_tied(tmp_path):
+    """Meta's Llama 4 always has an output layer: a tied model is written with a copy of the embedding there
+    and read back tied."""
+    cfg = meta_llama4.config_from_params(CASES["maverick-like"][0], vocab_size=128, tied=True, location="x")
+    tree = zeros_tree(cfg)
+    tree["tok_embeddings"]["embedding"] = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
+    save(cfg, tree, tmp_path / "t", format="meta", num_shards=2)
+    for f in read_files(tmp_path / "t"):
+        assert torch.equal(f["output.weight"], f["tok_embeddings.weight"])
+    back, params = load(tmp_path / "t")
+    assert back == cfg and "output" not in params
+    np.testing.assert_array_equal(params["tok_embeddings"]["embedding"], tree["tok_embeddings"]["embedding"])
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
