@@ -107,7 +107,10 @@ def write_meta_checkpoint(model, params: dict, directory: Path, mp: int, dtype=t
     def split(name, new, dim):  # column-parallel (dim 0) / row-parallel (dim 1) pieces
         for f, piece in zip(files, sd[name].chunk(mp, dim)):
             f[new] = piece
-    whole = lambda name, new: [f.__setitem__(new, sd[name]) for f in files]  # noqa: E731
+
+    def whole(name, new):  # replicated in every file
+        for f in files:
+            f[new] = sd[name]
 
     split("tok_embeddings.weight", "tok_embeddings.weight", 0)
     for i, layer in enumerate(model.layers):
