@@ -78,9 +78,9 @@ def open_source(path: str | os.PathLike) -> Source:
     """A streaming reader of the checkpoint at `path` (any format)."""
     fmt = detect_format(path)
     if fmt == "meta":
-        from llama_jax.convert.meta import MetaSource
+        from llama_jax.convert.meta import open_meta
 
-        return MetaSource(path)
+        return open_meta(path)
     if fmt == "hf":
         from llama_jax.convert.hf import HFSource
 

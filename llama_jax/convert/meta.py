@@ -14,7 +14,9 @@ Tensor names and layouts (ours → Meta's; ours keeps the head axes apart, Meta'
     norm/scale                        norm.weight                      (D,)
     output (D, V)                     output.weight                    (V, D)      transpose
 
-The model rotates interleaved pairs like Meta's reference, so no permutation is involved.
+The model rotates interleaved pairs like Meta's reference, so no permutation is involved. Llama 4's
+checkpoints (fused wqkv, stacked experts, its own params.json keys) are read and written by
+`meta_llama4.py`; `open_meta` picks the reader and `write_meta` the writer.
 
 Model-parallel shards (13B: 2 files, 33B/34B: 4, 65B/70B: 8, 405B: 8 or 16) split each tensor the way
 Meta's fairscale layers do: column-parallel weights (wq, wk, wv, w1, w3, output) on dim 0, row-parallel
@@ -259,11 +261,16 @@ def is_dense_llama(cfg: LlamaConfig) -> bool:
 
 def params_json(cfg: LlamaConfig) -> dict[str, Any]:
     """The params.json of `cfg`, with only the keys each official generation of Meta's code accepts
-    (optional keys appear only when they differ from the default, as in Meta's own files)."""
+    (optional keys appear only when they differ from the default, as in Meta's own files); Llama 4's
+    from meta_llama4.py."""
     if not is_dense_llama(cfg):
-        raise ConvertError("Meta's consolidated format (params.json) here holds dense LLaMA 1–3 models only; this "
-                           "config has experts, a sliding window, chunked or NoPE attention or QK norm. Save it as "
-                           "format 'hf' or 'orbax'.")
+        from llama_jax.convert import meta_llama4
+
+        if meta_llama4.is_llama4_config(cfg):
+            return meta_llama4.params_json(cfg)
+        raise ConvertError("Meta's consolidated format (params.json) here holds dense LLaMA 1–3 and Llama 4 models; "
+                           "this config has a sliding window or softmax-routed experts (Mistral, Mixtral), which "
+                           "Meta's format does not describe. Save it as format 'hf' or 'orbax'.")
     rule = ffn_rule(cfg.dim, cfg.ffn_hidden, (cfg.multiple_of, cfg.ffn_dim_multiplier))
     if rule is None:
         raise ConvertError(f"ffn_hidden={cfg.ffn_hidden} cannot be expressed with Meta's sizing rule "
@@ -327,6 +334,15 @@ class PthTensor:
         self.read_into(out)
         return out
 
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of the tensor (along dim 0): of a contiguous tensor only those bytes are read."""
+        if self.tensor is not None or self.strides is not None:
+            return np.ascontiguousarray(self.read()[start:stop])
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        row = self.nbytes // self.shape[0] if self.shape[0] else 0
+        read_exact(self.path, self.offset + start * row, out, self.name)
+        return out
+
 
 def require_torch(what: str):
     """The torch module, or a ConvertError saying which extra to install (Meta's .pth files are torch pickles)."""
@@ -359,6 +375,11 @@ def _refuse_message(path: Any, e: Exception) -> str:
             f"tensor checkpoints are read (torch.load weights_only=True), because arbitrary pickles can run code.")
 
 
+# Besides tensors, only io.BytesIO may be unpickled: Llama 4's files carry `*._extra_state` records of that
+# type (Meta's loader allows it the same way and its load hooks drop them); it holds bytes, runs no code.
+_SAFE_GLOBALS = [io.BytesIO]
+
+
 def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     """Names → locations of the tensors of a torch checkpoint, without reading their bytes or running code."""
     torch = require_torch(f"reading {path}")
@@ -367,8 +388,15 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     size = os.path.getsize(path)
     if size == 0:
         raise ConvertError(f"{path}: file is empty.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; files older than PyTorch 1.6 are a bare pickle (protocol ≥ 2: 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ConvertError(f"{path}: not a PyTorch checkpoint: it starts with neither a zip header nor a pickle "
+                           f"(corrupt, or another format).")
     try:
-        sd = torch.load(path, map_location="meta", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            sd = torch.load(path, map_location="meta", weights_only=True)
         fallback = None
     except pickle.UnpicklingError as e:
         raise ConvertError(_refuse_message(path, e)) from None
@@ -380,6 +408,8 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
     dtypes = _torch_dtypes()
     out: dict[str, PthTensor] = {}
     for name, t in sd.items():
+        if name.endswith("._extra_state") and isinstance(t, io.BytesIO):
+            continue  # a training framework's per-layer metadata (Llama 4's fused layers), not a weight
         if not isinstance(t, torch.Tensor):
             raise ConvertError(f"{path}: entry {name!r} is a {type(t).__name__}, expected a tensor.")
         if t.dtype not in dtypes:
@@ -390,7 +420,8 @@ def index_pth(path: str | os.PathLike) -> dict[str, PthTensor]:
         base = getattr(storage, "_checkpoint_offset", None)
         if base is None:  # torch too old to report offsets: fall back to an mmap of the file
             if fallback is None:
-                fallback = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                    fallback = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             out[name] = PthTensor(path, name, tuple(t.shape), dt, 0, tensor=fallback[name])
             continue
         entry = PthTensor(path, name, tuple(t.shape), dt, base + t.storage_offset() * dt.itemsize)
@@ -421,27 +452,48 @@ def shard_files(directory: Path) -> list[Path]:
     return [found[i] for i in range(n)]
 
 
+def read_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Any], list[Path], list[dict[str, PthTensor]]]:
+    """params.json, the shard files and their tensor indexes, checked to name the same tensors."""
+    directory = Path(directory)
+    pj = directory / "params.json"
+    try:
+        params = json.loads(pj.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{pj}: cannot read params.json ({e}).") from None
+    check_json_fields(params, {}, str(pj))  # an object
+    files = shard_files(directory)
+    shards = [index_pth(f) for f in files]
+    names0 = set(shards[0])
+    for f, s in zip(files[1:], shards[1:]):
+        diff = sorted(names0 ^ set(s))
+        if diff:
+            where = f if diff[0] in names0 else files[0]
+            raise ConvertError(f"{where}: tensor {diff[0]} is missing here but present in another shard; the "
+                               f"shard files do not belong to one checkpoint.")
+    return params, files, shards
+
+
+def open_meta(directory: str | os.PathLike, vocab_size: int | None = None) -> Source:
+    """The reader of a Meta checkpoint directory: Llama 4's layout (meta_llama4.py) or LLaMA 1–3's."""
+    from llama_jax.convert.meta_llama4 import Llama4MetaSource, is_llama4_checkpoint
+
+    params, files, shards = read_checkpoint(directory)
+    if is_llama4_checkpoint(params, set(shards[0])):
+        return Llama4MetaSource(Path(directory), params, files, shards, vocab_size=vocab_size)
+    return MetaSource(directory, vocab_size, checkpoint=(params, files, shards))
+
+
 class MetaSource(Source):
     """A Meta checkpoint directory, read tensor by tensor (shards are concatenated per tensor)."""
 
-    def __init__(self, directory: str | os.PathLike, vocab_size: int | None = None):
+    def __init__(self, directory: str | os.PathLike, vocab_size: int | None = None,
+                 checkpoint: tuple[dict[str, Any], list[Path], list[dict[str, PthTensor]]] | None = None):
         self.dir = Path(directory)
         self.location = str(self.dir)
         pj = self.dir / "params.json"
-        try:
-            self.params = json.loads(pj.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConvertError(f"{pj}: cannot read params.json ({e}).") from None
+        self.params, self.files, self.shards = checkpoint or read_checkpoint(self.dir)
         check_json_fields(self.params, PARAMS_KINDS, str(pj))
-        self.files = shard_files(self.dir)
-        self.shards = [index_pth(f) for f in self.files]
         names0 = set(self.shards[0])
-        for f, s in zip(self.files[1:], self.shards[1:]):
-            diff = sorted(names0 ^ set(s))
-            if diff:
-                where = f if diff[0] in names0 else self.files[0]
-                raise ConvertError(f"{where}: tensor {diff[0]} is missing here but present in another shard; the "
-                                   f"shard files do not belong to one checkpoint.")
         vocab = self._vocab_size(vocab_size, str(pj))
         # Shapes do not depend on tying or the RoPE factor: validate against a provisional config first.
         cfg = config_from_params(self.params, vocab_size=vocab, tied=False, location=str(pj))
@@ -679,6 +731,10 @@ def write_meta(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtyp
     """Write `src` as a Meta checkpoint directory `out` with `num_shards` model-parallel files."""
     require_torch("writing a Meta checkpoint (consolidated.NN.pth)")
     cfg = src.cfg
+    from llama_jax.convert.meta_llama4 import is_llama4_config, write_meta_llama4
+
+    if is_llama4_config(cfg):
+        return write_meta_llama4(src, out, num_shards=num_shards, dtype=dtype, extra_files=extra_files)
     dt = None if dtype is None else np_dtype(dtype)
     if num_shards < 1:
         raise ConvertError(f"num_shards must be ≥ 1, got {num_shards}.")
