@@ -8,10 +8,9 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
   "sigmoid" (Llama 4): keep the top-k *logits*, sigmoid each (no renormalisation).
 - `grouped_swiglu`: dropless dispatch. The M·k (token, expert) assignments are sorted by expert, so
   each expert's tokens are one contiguous group, and the three SwiGLU matmuls run as grouped matmuls
-  (no capacity, no dropped tokens); w1 and w3 go together, as one (E, D, 2F) weight. The result is
-  un-sorted by the inverse permutation and the k outputs of each token summed (a gather and a sum), and
-  the backward pass does the same two shuffles the other way round (custom VJPs: no scatter-add, so it is
-  deterministic, and fast on CPU).
+  (no capacity, no dropped tokens). The result is un-sorted by the inverse permutation and the k outputs
+  of each token summed (a gather and a sum), and the backward pass does the same two shuffles the other
+  way round (custom VJPs: no scatter-add, so it is deterministic, and fast on CPU).
   Llama 4 scales each expert's *input* by its score; Mixtral scales the *output*.
   Three implementations of the grouped matmul (`DISPATCH`, `LlamaConfig.moe_dispatch`; "auto" picks by
   backend, `resolve_dispatch`):
@@ -19,8 +18,9 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
     every expert's weights and the other groups masked (E× the arithmetic), so it is not used on CPU.
   - "blocked" (CPU): every group padded to a multiple of a row block (at most T·k + E·(m−1) rows, a
     static bound), then a loop over the experts and, inside, over the expert's blocks, each one (m, D) ×
-    (D, F) matmul with its expert's weights (what megablox does on TPU, as plain XLA); a custom VJP loops
-    again for the input and weight gradients. Arithmetic ≈ the active parameters' plus the padding.
+    (D, F) matmul with its expert's weights (what megablox does on TPU, as plain XLA), w1 and w3 as one
+    (E, D, 2F) weight; a custom VJP loops again for the input and weight gradients. Arithmetic ≈ the active
+    parameters' plus the padding.
   - "gmm" (TPU): the Pallas megablox grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`,
     its own VJP), on the unpadded groups; `interpret=True` runs it anywhere (tests).
 - `router_stats`: the Switch/Mixtral load-balancing loss, the ST-MoE router z-loss and the fraction of
@@ -131,8 +131,10 @@ def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w
     xs = _gather_rows(x, token, roa, k)
     if scale_inputs:
         xs = xs * s
-    # w1 and w3 as one (E, D, 2F) weight: one grouped matmul of twice the width instead of two.
-    gate, up = jnp.split(dot(xs, jnp.concatenate([w1, w3], axis=2)), 2, axis=1)
+    if dispatch == "blocked":  # w1 and w3 as one (E, D, 2F) weight: half the loop trips on CPU
+        gate, up = jnp.split(dot(xs, jnp.concatenate([w1, w3], axis=2)), 2, axis=1)
+    else:  # the concatenated copy would cost accelerator memory (Scout on v5p: 4 GiB more temporaries per chip)
+        gate, up = dot(xs, w1), dot(xs, w3)
     y = dot(jax.nn.silu(gate) * up, w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
         y = y * s
