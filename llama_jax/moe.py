@@ -9,8 +9,8 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
 - `grouped_swiglu`: dropless dispatch. The M·k (token, expert) assignments are sorted by expert, so
   each expert's tokens are one contiguous group, and the three SwiGLU matmuls run as grouped matmuls
   (no capacity, no dropped tokens). The result is un-sorted by the inverse permutation and the k outputs
-  of each token summed (a gather and a sum), and the backward pass does the same two shuffles the other
-  way round (custom VJPs: no scatter-add, so it is deterministic, and fast on CPU).
+  of each token summed (a gather and a sum); on CPU the backward pass does the same two shuffles the other
+  way round (custom VJPs, no scatter-add).
   Llama 4 scales each expert's *input* by its score; Mixtral scales the *output*.
   Three implementations of the grouped matmul (`DISPATCH`, `LlamaConfig.moe_dispatch`; "auto" picks by
   backend, `resolve_dispatch`):
@@ -121,28 +121,31 @@ def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w
     group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # (E,)
     if dispatch == "blocked":  # sorted assignment j sits at row rows[j] of the padded blocks; other rows are zeros
         rows, dot = _blocked_layout(flat[order], group_sizes, min(BLOCK_ROWS, _round_up(m * k, 8)))
-        n_rows = dot.n_rows
-    else:  # the sorted assignments as they are
-        rows, dot, n_rows = jnp.arange(m * k, dtype=jnp.int32), _unpadded_dot(dispatch, group_sizes, interpret), m * k
-    # Row r of the grouped matmul holds token token[r] (m: a padding row, zeros); assignment a is at row roa[a].
-    token = jnp.full((n_rows,), m, jnp.int32).at[rows].set((order // k).astype(jnp.int32))
-    roa = jnp.zeros((m * k,), jnp.int32).at[order].set(rows)
-    s = jnp.zeros((n_rows,), x.dtype).at[rows].set(scores.reshape(-1)[order].astype(x.dtype))[:, None]
-    xs = _gather_rows(x, token, roa, k)
+        # Row r holds token token[r] (m: a padding row, zeros); assignment a is at row roa[a].
+        token = jnp.full((dot.n_rows,), m, jnp.int32).at[rows].set((order // k).astype(jnp.int32))
+        roa = jnp.zeros((m * k,), jnp.int32).at[order].set(rows)
+        s = jnp.zeros((dot.n_rows,), scores.dtype).at[rows].set(scores.reshape(-1)[order])
+        gather, combine = (lambda x: _gather_rows(x, token, roa, k)), (lambda y: _combine_rows(y, token, roa, k))
+    else:  # the sorted assignments as they are (plain indexing: autodiff's scatter-add is fine off CPU)
+        dot, s = _unpadded_dot(dispatch, group_sizes, interpret), scores.reshape(-1)[order]
+        roa = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))  # inverse permutation
+        gather, combine = (lambda x: x[order // k]), (lambda y: y[roa].reshape(m, k, -1).sum(axis=1))
+    s = s.astype(x.dtype)[:, None]
+    xs = gather(x)
     if scale_inputs:
         xs = xs * s
     if dispatch == "blocked":  # w1 and w3 as one (E, D, 2F) weight: half the loop trips on CPU
         gate, up = jnp.split(dot(xs, jnp.concatenate([w1, w3], axis=2)), 2, axis=1)
-    else:  # the concatenated copy would cost accelerator memory (Scout on v5p: 4 GiB more temporaries per chip)
+    else:  # the concatenated copy would cost accelerator memory (Scout on v5p: GiBs more temporaries per chip)
         gate, up = dot(xs, w1), dot(xs, w3)
     y = dot(jax.nn.silu(gate) * up, w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
         y = y * s
-    return _combine_rows(y, token, roa, k)
+    return combine(y)
 
 
-# The two row shuffles of the dispatch, written as each other's transposes: autodiff would turn either gather
-# into a scatter-add in the backward pass, which XLA:CPU runs row by row (and which adds in an unspecified order).
+# The two row shuffles of the blocked dispatch, written as each other's transposes: autodiff would turn either
+# gather into a scatter-add in the backward pass, which XLA:CPU runs row by row.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

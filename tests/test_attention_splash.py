@@ -61,13 +61,18 @@ def test_splash_equals_xla_fp32_packed_gqa_unaligned_length():
 
 
 def test_splash_equals_xla_bf16():
-    """bfloat16 inputs: within bfloat16's resolution (8 bits of mantissa: 2^-8 ≈ 0.004 relative)."""
+    """bfloat16 inputs, both judged against float32 attention of the same (bf16-valued) inputs: the kernel's
+    output within bfloat16's resolution (8 bits of mantissa: 2^-8 ≈ 0.004 relative), and its gradients no
+    further from float32 than twice plain XLA's own bfloat16 gradients are (how far those are depends on
+    jax's version: 0.02-0.07 of the scale for dv here), or 2e-2."""
     q, k, v, mask = _inputs(jnp.bfloat16, t=128, n=4, kv=2)
-    assert _rel(jax.jit(splash_attention)(q, k, v, mask), xla_attention(q, k, v, mask)) <= 1e-2
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    assert _rel(jax.jit(splash_attention)(q, k, v, mask), xla_attention(q32, k32, v32, mask)) <= 1e-2
     grads = jax.jit(jax.grad(_loss(splash_attention, mask), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(_loss(xla_attention, mask), argnums=(0, 1, 2))(q, k, v)
-    for name, g, w in zip("qkv", grads, want):
-        assert _rel(g, w) <= 2e-2, name
+    xla_bf16 = jax.grad(_loss(xla_attention, mask), argnums=(0, 1, 2))(q, k, v)
+    exact = jax.grad(_loss(xla_attention, mask), argnums=(0, 1, 2))(q32, k32, v32)
+    for name, g, x, w in zip("qkv", grads, xla_bf16, exact):
+        assert _rel(g, w) <= max(2 * _rel(x, w), 2e-2), name
 
 
 @pytest.mark.parametrize("window,chunk", [(40, None), (None, 64)])
