@@ -498,7 +498,8 @@ def test_meta_vocab_from_tokenizer(tmp_path):
 # ----------------------------------------------------------------------------------------- configs
 
 
-# The dense LLaMA presets (Llama 4, Mistral and Mixtral have no params.json; tests/test_moe.py covers them).
+# The dense LLaMA presets (Llama 4: tests/test_convert_meta_llama4.py; Mistral and Mixtral have no params.json:
+# tests/test_moe.py covers them).
 OFFICIAL = [n for n in PRESETS if n not in ("tiny", "llama-20m", "llama-100m") and n not in MOE_FAMILY_PARAM_COUNTS]
 
 
