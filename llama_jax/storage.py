@@ -10,7 +10,7 @@ Object storage has no rename, so the atomic writes differ by place but promise t
 sees the old content or the new, never half):
   - local: write `NAME.tmp.PID`, fsync, `os.replace` onto the name;
   - gs://: one object upload, which Cloud Storage makes visible all at once when it completes.
-Objects cannot be appended to: `append_lines` rewrites the whole object (one upload) with the new lines.
+Objects cannot be appended to: a growing text (metrics.jsonl) is rewritten whole, in one upload (train/metrics.py).
 
 Tools that need real local files (ArrayRecord readers, safetensors, `torch.load`, the JAX profiler) use
 `local_copy` (download into a temporary or cache directory) and `upload_dir` (upload a finished local
@@ -164,21 +164,6 @@ def write_bytes_atomic(p: PathLike, data: bytes) -> None:
 
 def write_text_atomic(p: PathLike, text: str) -> None:
     write_bytes_atomic(p, text.encode())
-
-
-def append_lines(p: PathLike, lines: Iterable[str]) -> None:
-    """Append `lines` (without newlines) to the text file `p`. Local: an append. gs://: the object is rewritten
-    with its old lines plus the new ones in one upload, so a kill loses the new lines at most, never old ones."""
-    new = "".join(line + "\n" for line in lines)
-    if not new:
-        return
-    target = path(p)
-    if is_remote(target):
-        old = target.read_bytes() if target.exists() else b""
-        target.write_bytes(old + new.encode())
-        return
-    with open(os.fspath(target), "a") as fh:
-        fh.write(new)
 
 
 def makedirs(p: PathLike) -> epath.Path:

