@@ -758,20 +758,33 @@ def write_meta(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtyp
         piece = full if d is None else tuple(s // num_shards if i == d else s for i, s in enumerate(full))
         for s in specs:
             s.append((name, piece, t))
+
+    def fill(writers):
+        for name, key, t in plan:
+            x = cast(to_meta(cfg, key, src.read(key)), t)
+            d = splits[name]
+            for i, w in enumerate(writers):
+                if d is None:
+                    w.write(name, x)
+                else:
+                    step = x.shape[d] // num_shards
+                    w.write(name, x[i * step:(i + 1) * step] if d == 0 else x[:, i * step:(i + 1) * step])
+            del x
+
+    return write_checkpoint_dir(out, pj, specs, fill, extra_files)
+
+
+def write_checkpoint_dir(out: str | os.PathLike, params: dict[str, Any],
+                         specs: list[list[tuple[str, tuple[int, ...], np.dtype]]], fill,
+                         extra_files: tuple[Path, ...] = ()) -> Path:
+    """The checkpoint directory `out`, written atomically: params.json, one consolidated.NN.pth per entry of
+    `specs` (the tensors that file holds, in order), filled by `fill(writers)`, then `extra_files` copied in.
+    On any error the writers are aborted and nothing is left under `out`."""
     with atomic_dir(out) as tmp:
-        (tmp / "params.json").write_text(json.dumps(pj, indent=2) + "\n")
-        writers = [TorchZipWriter(tmp / f"consolidated.{i:02d}.pth", specs[i]) for i in range(num_shards)]
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        writers = [TorchZipWriter(tmp / f"consolidated.{i:02d}.pth", spec) for i, spec in enumerate(specs)]
         try:
-            for name, key, t in plan:
-                x = cast(to_meta(cfg, key, src.read(key)), t)
-                d = splits[name]
-                for i, w in enumerate(writers):
-                    if d is None:
-                        w.write(name, x)
-                    else:
-                        step = x.shape[d] // num_shards
-                        w.write(name, x[i * step:(i + 1) * step] if d == 0 else x[:, i * step:(i + 1) * step])
-                del x
+            fill(writers)
             for w in writers:
                 w.close()
         except BaseException:

@@ -48,9 +48,7 @@ weight: `*._extra_state` records (io.BytesIO; see `meta.index_pth`) and the rout
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,6 @@ from llama_jax.convert.common import (
     ConvertError,
     Key,
     Source,
-    atomic_dir,
     cast,
     check_json_fields,
     dtype_name,
@@ -446,7 +443,7 @@ class Llama4MetaSource(Source):
 def write_meta_llama4(src: Source, out: str | os.PathLike, *, num_shards: int = 1, dtype: Any = None,
                       extra_files: tuple[Path, ...] = ()) -> Path:
     """Write `src` (a Llama 4 config) as Meta's Llama 4 checkpoint: params.json + `num_shards` files."""
-    from llama_jax.convert.meta import TorchZipWriter
+    from llama_jax.convert.meta import write_checkpoint_dir
 
     cfg, n = src.cfg, num_shards
     dt = None if dtype is None else np_dtype(dtype)
@@ -463,22 +460,13 @@ def write_meta_llama4(src: Source, out: str | os.PathLike, *, num_shards: int = 
     pj = params_json(cfg)
     tensors = meta_tensors(cfg, n)
     types = {t.name: dt or src.dtype(t.parts[0].key) for t in tensors}
-    with atomic_dir(out) as tmp:
-        (tmp / "params.json").write_text(json.dumps(pj, indent=2) + "\n")
-        specs = [(t.name, t.shape, types[t.name]) for t in tensors]  # every file holds every tensor, 1/n of it
-        writers = [TorchZipWriter(tmp / f"consolidated.{i:02d}.pth", specs) for i in range(n)]
-        try:
-            for t in tensors:
-                _write_tensor(t, [cast(to_meta(cfg, p.key, src.read(p.key)), types[t.name]) for p in t.parts], writers)
-            for w in writers:
-                w.close()
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
-        for f in extra_files:
-            shutil.copyfile(f, tmp / f.name)
-    return Path(out)
+    specs = [(t.name, t.shape, types[t.name]) for t in tensors]  # every file holds every tensor, 1/n of it
+
+    def fill(writers):
+        for t in tensors:
+            _write_tensor(t, [cast(to_meta(cfg, p.key, src.read(p.key)), types[t.name]) for p in t.parts], writers)
+
+    return write_checkpoint_dir(out, pj, [specs] * n, fill, extra_files)
 
 
 def _write_tensor(t: MetaTensor, parts: list[np.ndarray], writers: list) -> None:
