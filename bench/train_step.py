@@ -193,7 +193,7 @@ def main(a) -> int:
         first, times = alternate([(w[k], "step") for k in w], a.rounds)  # the first call of ours compiles
         if cfg.n_experts:
             ffn_calls = w["ours"].info["ffn_calls"]
-            _, ffn_times = alternate([(w["ours"], c) for c in ffn_calls], max(a.rounds, 5))
+            _, ffn_times = alternate([(w["ours"], c) for c in ffn_calls], max(3 * a.rounds, 15))
             ffn = {c: float(np.median(t)) for c, t in zip(ffn_calls, ffn_times)}
         info = {k: v.info for k, v in w.items()}
     compile_s = first[0]

@@ -17,10 +17,10 @@ computes, over the M = B·T tokens of a batch flattened to (M, D):
   - "ragged_dot": `jax.lax.ragged_dot` over the unpadded groups. XLA:CPU lowers it to a contraction with
     every expert's weights and the other groups masked (E× the arithmetic), so it is not used on CPU.
   - "blocked" (CPU): every group padded to a multiple of a row block (at most T·k + E·(m−1) rows, a
-    static bound), then a loop over the experts and, inside, over the expert's blocks, each one (m, D) ×
-    (D, F) matmul with its expert's weights (what megablox does on TPU, as plain XLA), w1 and w3 as one
-    (E, D, 2F) weight; a custom VJP loops again for the input and weight gradients. Arithmetic ≈ the active
-    parameters' plus the padding.
+    static bound), then a loop over the experts and, inside, over the expert's blocks in slabs of 8, 4, 2
+    and 1 blocks, each slab one (rows, D) × (D, F) matmul with its expert's weights (what megablox does on
+    TPU, as plain XLA), w1 and w3 in the same pass; a custom VJP loops again for the input and weight
+    gradients. Arithmetic ≈ the active parameters' plus the padding (under one block per expert).
   - "gmm" (TPU): the Pallas megablox grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`,
     its own VJP), on the unpadded groups; `interpret=True` runs it anywhere (tests).
 - `router_stats`: the Switch/Mixtral load-balancing loss, the ST-MoE router z-loss and the fraction of
@@ -47,7 +47,7 @@ def route(logits: Array, k: int, kind: str) -> tuple[Array, Array]:
 
 
 DISPATCH = ("auto", "ragged_dot", "blocked", "gmm")
-BLOCK_ROWS = 64  # rows per block of the "blocked" dispatch (measured on CPU: 64 ≲ 128 < 256, bench/train_step.py)
+BLOCK_ROWS = 64  # rows per block of the "blocked" dispatch: the padding unit (matmuls run on slabs of up to 8 blocks)
 
 
 def resolve_dispatch(dispatch: str) -> str:
@@ -71,8 +71,8 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
     Under an active mesh (as the trainer sets it) every device routes and dispatches its own tokens in
     `shard_map`: tokens split over the mesh axes the rule table gives `batch`, the weights (cast to x's
     dtype first, split as the rule table splits them) all-gathered whole inside, as FSDP gathers a dense
-    layer's, so the gradients leave reduce-scattered (the all-gather's transpose). Without a mesh it runs
-    as it is."""
+    layer's, so the gradients leave reduce-scattered (the all-gather's transpose). Without a mesh, or on a
+    mesh of one device, it runs as it is."""
     if dispatch not in DISPATCH:
         raise ValueError(f"MoE dispatch must be one of {list(DISPATCH)}, got {dispatch!r}.")
     weights = tuple(w.astype(x.dtype) for w in (w1, w3, w2))
@@ -84,7 +84,7 @@ def grouped_swiglu(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w2
     else:
         local = functools.partial(_dispatch_local, dispatch=dispatch, scale_inputs=scale_inputs, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or mesh.size == 1:  # one device: nothing to split (shard_map would only add layout copies)
         return local(x, idx, scores, *weights)
     import flax.linen as nn
 
@@ -134,9 +134,9 @@ def _dispatch_local(x: Array, idx: Array, scores: Array, w1: Array, w3: Array, w
     xs = gather(x)
     if scale_inputs:
         xs = xs * s
-    if dispatch == "blocked":  # w1 and w3 as one (E, D, 2F) weight: half the loop trips on CPU
-        gate, up = jnp.split(dot(xs, jnp.concatenate([w1, w3], axis=2)), 2, axis=1)
-    else:  # the concatenated copy would cost accelerator memory (Scout on v5p: GiBs more temporaries per chip)
+    if dispatch == "blocked":  # w1 and w3 in one pass over the blocks
+        gate, up = dot(xs, w1, w3)
+    else:
         gate, up = dot(xs, w1), dot(xs, w3)
     y = dot(jax.nn.silu(gate) * up, w2)  # (rows of the grouped matmul, D)
     if not scale_inputs:
@@ -196,14 +196,17 @@ def _gmm_tiling(tm: int, m: int, k: int, n: int) -> tuple[int, int, int]:
 
 class _BlockedDot:
     """(n_rows, K) × (E, K, N) → (n_rows, N) where expert e's rows are the `count[e]` blocks (of `block` rows)
-    from block `first[e]` on; blocks past the last expert's are padding and stay zero."""
+    from block `first[e]` on; blocks past the last expert's are padding and stay zero. Called with several
+    weights, it multiplies the same rows by each (one pass over the blocks) and returns a tuple."""
 
     def __init__(self, first: Array, count: Array, block: int, n_rows: int):
         self.first, self.count, self.block, self.n_rows = first, count, block, n_rows
 
-    def __call__(self, a: Array, w: Array) -> Array:
+    def __call__(self, a: Array, *ws: Array) -> Array | tuple[Array, ...]:
         blocks = a.reshape(self.n_rows // self.block, self.block, a.shape[1])
-        return _block_matmul(blocks, w, self.first, self.count).reshape(self.n_rows, w.shape[2])
+        out = _block_matmul(blocks, ws, self.first, self.count)
+        out = tuple(y.reshape(self.n_rows, w.shape[2]) for y, w in zip(out, ws))
+        return out if len(ws) > 1 else out[0]
 
 
 def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tuple[Array, _BlockedDot]:
@@ -219,57 +222,83 @@ def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tu
     return rows.astype(jnp.int32), _BlockedDot(first.astype(jnp.int32), count.astype(jnp.int32), block, n_blocks * block)
 
 
-# The grouped matmul as two loops: over the experts, then over each expert's blocks. An expert's weight is
-# taken out of the (E, K, N) stack once per expert, not once per block (on CPU that copy cost as much as the
-# block's matmul), and its weight gradient is summed in the inner loop's carry and written once.
+# The grouped matmul as loops: over the experts, then over each expert's blocks, taken as slabs of 8, 4, 2
+# and 1 blocks (the binary digits of the expert's block count: at most 4 loops, one trip for each 1 bit
+# and for each further 8 blocks). A matmul of 512 rows runs ~1.5× faster per row than one of 64 on CPU (the
+# weight is re-packed for every call), and the padding stays at most one block per expert. An expert's
+# weight is taken out of the (E, K, N) stack once per expert, and its weight gradient is summed in the
+# inner loops' carry and written once.
+
+SLABS = (8, 4, 2, 1)  # slab sizes in blocks, largest first; the last must be 1
 
 
-def _block_matmul_fwd_loop(blocks: Array, w: Array, first: Array, count: Array) -> Array:
-    def expert(e, out):
-        we = w[e]
+def _slab_loops(first: Array, count: Array, n_blocks: int, body, carry):
+    """Run body(start_block, n_blocks (static), carry) over an expert's blocks [first, first + count) in slabs
+    (of the `SLABS` sizes that fit in the `n_blocks` there are)."""
+    start, left = first, count
+    for size in (s for s in SLABS if s <= n_blocks):
+        trips = left // size
+        carry = jax.lax.fori_loop(0, trips, lambda i, c, size=size, start=start: body(start + i * size, size, c), carry)
+        start, left = start + trips * size, left - trips * size
+    return carry
 
-        def block(b, out):
-            xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
-            yb = jnp.dot(xb, we, preferred_element_type=jnp.float32).astype(out.dtype)
-            return jax.lax.dynamic_update_index_in_dim(out, yb, b, 0)
 
-        return jax.lax.fori_loop(first[e], first[e] + count[e], block, out)
+def _rows(blocks: Array, b: Array, size: int) -> Array:
+    """The `size` blocks from block b, as one (size·m, K) matrix."""
+    return jax.lax.dynamic_slice_in_dim(blocks, b, size, 0).reshape(size * blocks.shape[1], blocks.shape[2])
 
-    out = jnp.zeros(blocks.shape[:2] + (w.shape[2],), blocks.dtype)
-    return jax.lax.fori_loop(0, w.shape[0], expert, out)
+
+def _put(out: Array, y: Array, b: Array, size: int) -> Array:
+    return jax.lax.dynamic_update_slice_in_dim(out, y.reshape(size, out.shape[1], out.shape[2]).astype(out.dtype), b, 0)
+
+
+def _block_matmul_fwd_loop(blocks: Array, ws: tuple[Array, ...], first: Array, count: Array) -> tuple[Array, ...]:
+    def expert(e, outs):
+        wes = [w[e] for w in ws]
+
+        def slab(b, size, outs):
+            xb = _rows(blocks, b, size)
+            return tuple(_put(out, jnp.dot(xb, we, preferred_element_type=jnp.float32), b, size)
+                         for out, we in zip(outs, wes))
+
+        return _slab_loops(first[e], count[e], blocks.shape[0], slab, outs)
+
+    outs = tuple(jnp.zeros(blocks.shape[:2] + (w.shape[2],), blocks.dtype) for w in ws)
+    return jax.lax.fori_loop(0, ws[0].shape[0], expert, outs)
 
 
 @jax.custom_vjp
-def _block_matmul(blocks: Array, w: Array, first: Array, count: Array) -> Array:
-    """blocks (B, m, K) × w (E, K, N) → (B, m, N): block b times w[e] for the blocks of expert e (others 0)."""
-    return _block_matmul_fwd_loop(blocks, w, first, count)
+def _block_matmul(blocks: Array, ws: tuple[Array, ...], first: Array, count: Array) -> tuple[Array, ...]:
+    """blocks (B, m, K) × each w (E, K, N) → (B, m, N): block b times w[e] for the blocks of expert e (others 0)."""
+    return _block_matmul_fwd_loop(blocks, ws, first, count)
 
 
-def _block_matmul_fwd(blocks, w, first, count):
-    return _block_matmul_fwd_loop(blocks, w, first, count), (blocks, w, first, count)
+def _block_matmul_fwd(blocks, ws, first, count):
+    return _block_matmul_fwd_loop(blocks, ws, first, count), (blocks, ws, first, count)
 
 
-def _block_matmul_bwd(res, dy):
-    """d blocks[b] = dy[b] · w[e]ᵀ; d w[e] = Σ over e's blocks of blocks[b]ᵀ · dy[b] (float32 accumulation)."""
-    blocks, w, first, count = res
+def _block_matmul_bwd(res, dys):
+    """d blocks[b] = Σ_w dy[b] · w[e]ᵀ; d w[e] = Σ over e's blocks of blocks[b]ᵀ · dy[b] (float32 accumulation)."""
+    blocks, ws, first, count = res
 
     def expert(e, carry):
-        dx, dw = carry
-        we_t = w[e].T
+        dx, dws = carry
+        wes_t = [w[e].T for w in ws]
 
-        def block(b, carry):
-            dx, dwe = carry
-            xb = jax.lax.dynamic_index_in_dim(blocks, b, 0, keepdims=False)
-            dyb = jax.lax.dynamic_index_in_dim(dy, b, 0, keepdims=False)
-            dxb = jnp.dot(dyb, we_t, preferred_element_type=jnp.float32)
-            dwe = dwe + jnp.dot(xb.T, dyb, preferred_element_type=jnp.float32)
-            return jax.lax.dynamic_update_index_in_dim(dx, dxb.astype(dx.dtype), b, 0), dwe
+        def slab(b, size, carry):
+            dx, dwes = carry
+            xb_t = _rows(blocks, b, size).T
+            dybs = [_rows(dy, b, size) for dy in dys]
+            dxb = sum(jnp.dot(dyb, we_t, preferred_element_type=jnp.float32) for dyb, we_t in zip(dybs, wes_t))
+            dwes = tuple(dwe + jnp.dot(xb_t, dyb, preferred_element_type=jnp.float32) for dwe, dyb in zip(dwes, dybs))
+            return _put(dx, dxb, b, size), dwes
 
-        dx, dwe = jax.lax.fori_loop(first[e], first[e] + count[e], block, (dx, jnp.zeros(w.shape[1:], jnp.float32)))
-        return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe.astype(dw.dtype), e, 0)
+        zeros = tuple(jnp.zeros(w.shape[1:], jnp.float32) for w in ws)
+        dx, dwes = _slab_loops(first[e], count[e], blocks.shape[0], slab, (dx, zeros))
+        return dx, tuple(jax.lax.dynamic_update_index_in_dim(dw, dwe.astype(dw.dtype), e, 0) for dw, dwe in zip(dws, dwes))
 
-    dx, dw = jax.lax.fori_loop(0, w.shape[0], expert, (jnp.zeros_like(blocks), jnp.zeros_like(w)))
-    return dx, dw, None, None
+    dx, dws = jax.lax.fori_loop(0, ws[0].shape[0], expert, (jnp.zeros_like(blocks), tuple(jnp.zeros_like(w) for w in ws)))
+    return dx, dws, None, None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

@@ -72,6 +72,29 @@ def test_dispatch_equals_ragged_dot_outputs_and_gradients(dispatch, kind, k, rou
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("routing", ["random", "one expert"])
+def test_blocked_slabs_of_every_size(monkeypatch, routing):
+    """With 2-row blocks the experts here hold 5 to 23 blocks (23 = 8 + 8 + 4 + 2 + 1), so the blocked
+    dispatch runs slabs of every size, and several of the largest, forward and backward."""
+    monkeypatch.setattr(moe, "BLOCK_ROWS", 2)
+    rng = np.random.default_rng(1)
+    m, d, f, e = 45, 16, 24, 5
+    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    w1, w3, w2 = _weights(rng, e, d, f)
+    logits = rng.normal(size=(m, e))
+    if routing == "one expert":
+        logits[:, 3] += 100.0
+    idx, scores = moe.route(jnp.asarray(logits, jnp.float32), 2, "softmax")
+    blocks = -(-np.bincount(np.asarray(idx).ravel(), minlength=e) // 2)
+    assert blocks.max() >= (23 if routing == "one expert" else 8), blocks
+    args = (x, w1, w3, w2, scores)
+    got, grads = jax.jit(jax.value_and_grad(_loss("blocked", idx, False), argnums=range(5)))(*args)
+    want, ref = jax.jit(jax.value_and_grad(_loss("ragged_dot", idx, False), argnums=range(5)))(*args)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for name, g, r in zip(("x", "w1", "w3", "w2", "scores"), grads, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("dispatch", ["blocked", "gmm"])
 def test_dispatch_bfloat16_close_to_ragged_dot(dispatch):
     """bf16 inputs and weights: the same bf16 products accumulated in float32, outputs bf16."""
