@@ -485,3 +485,18 @@ def test_orbax_round_trips_unrolled_and_scanned(tmp_path):
         trees_equal_bitwise(stack_layers(params, cfg.layer_period), stacked)
         convert(tmp_path / f"{case}-scanned", tmp_path / f"{case}-hf2", "hf")  # and unstacked on the way out
         trees_equal_bitwise(params, load(tmp_path / f"{case}-hf2")[1])
+
+
+def test_orbax_restore_refuses_another_moe_architecture(tmp_path):
+    """Restoring a MoE checkpoint for a config with other experts, routing or attention variants is refused
+    with the differing fields named (the shapes of some would even match)."""
+    from llama_jax.convert import ConvertError, save
+    from llama_jax.convert.orbax import restore_params
+
+    cfg = CASES["llama4-maverick-like"]
+    save(cfg, random_params(cfg), tmp_path / "ckpt", format="orbax")
+    for change in ({"moe_router": "softmax"}, {"experts_per_token": 2}, {"qk_norm": not cfg.qk_norm},
+                   {"attention_chunk_size": 2 * cfg.attention_chunk_size}, {"moe_shared_expert": False}):
+        with pytest.raises(ConvertError, match=f"differs from the requested.*{next(iter(change))}"):
+            restore_params(tmp_path / "ckpt", cfg.replace(**change))
+    assert jax.tree.structure(restore_params(tmp_path / "ckpt", cfg)) == jax.tree.structure(random_params(cfg))

@@ -54,7 +54,12 @@ from llama_jax.convert.common import (
 ITEMS = ("params", "llama_config")
 # Fields that change the function a checkpoint computes (the rest are runtime choices).
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "norm_eps", "rope_theta",
-               "rope_scaling", "tie_embeddings")
+               "rope_scaling", "tie_embeddings",
+               # mixture of experts (Mixtral, Llama 4)
+               "n_experts", "experts_per_token", "moe_router", "moe_shared_expert", "moe_interleave", "expert_hidden",
+               # attention variants (Mistral's window, Llama 4's chunks, NoPE layers, QK norm, temperature)
+               "sliding_window", "attention_chunk_size", "nope_interval", "qk_norm", "attn_temperature_tuning",
+               "attn_floor_scale", "attn_scale")
 
 
 def _is_abandoned_read(unraisable) -> bool:
