@@ -43,6 +43,21 @@ def _loss(dispatch, idx, scale_inputs):
     return loss
 
 
+def _problem(seed, routing, k, kind):
+    """45 tokens of width 16, 5 experts of width 24, routed "random"ly, every token's first choice on one
+    expert (3), or with two experts (0 and 4) left empty: x, (w1, w3, w2), idx, scores."""
+    rng = np.random.default_rng(seed)
+    m, d, f, e = 45, 16, 24, 5
+    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    weights = _weights(rng, e, d, f)
+    logits = rng.normal(size=(m, e))
+    if routing == "one expert":
+        logits[:, 3] += 100.0
+    elif routing == "two experts empty":
+        logits[:, [0, 4]] -= 100.0
+    return (x, weights, *moe.route(jnp.asarray(logits, jnp.float32), k, kind))
+
+
 CASES = [("softmax", 2, "random"), ("sigmoid", 1, "random"), ("sigmoid", 3, "random"),
          ("softmax", 2, "one expert"), ("sigmoid", 1, "two experts empty")]
 
@@ -50,16 +65,7 @@ CASES = [("softmax", 2, "random"), ("sigmoid", 1, "random"), ("sigmoid", 3, "ran
 @pytest.mark.parametrize("dispatch", ["blocked", "gmm"])
 @pytest.mark.parametrize("kind,k,routing", CASES)
 def test_dispatch_equals_ragged_dot_outputs_and_gradients(dispatch, kind, k, routing):
-    rng = np.random.default_rng(0)
-    m, d, f, e = 45, 16, 24, 5
-    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
-    w1, w3, w2 = _weights(rng, e, d, f)
-    logits = rng.normal(size=(m, e))
-    if routing == "one expert":
-        logits[:, 3] += 100.0  # every token's first choice is expert 3
-    elif routing == "two experts empty":
-        logits[:, [0, 4]] -= 100.0
-    idx, scores = moe.route(jnp.asarray(logits, jnp.float32), k, kind)
+    x, (w1, w3, w2), idx, scores = _problem(0, routing, k, kind)
     args = (x, w1, w3, w2, scores)
     want = jax.jit(_dense_loop, static_argnums=6)(x, idx, scores, w1, w3, w2, kind == "sigmoid")
     got = jax.jit(moe.grouped_swiglu, static_argnums=(6, 7, 8))(x, idx, scores, w1, w3, w2, kind == "sigmoid",
@@ -74,18 +80,11 @@ def test_dispatch_equals_ragged_dot_outputs_and_gradients(dispatch, kind, k, rou
 
 @pytest.mark.parametrize("routing", ["random", "one expert"])
 def test_blocked_slabs_of_every_size(monkeypatch, routing):
-    """With 2-row blocks the experts here hold 5 to 23 blocks (23 = 8 + 8 + 4 + 2 + 1), so the blocked
+    """With 2-row blocks the experts here hold up to 23 blocks (23 = 8 + 8 + 4 + 2 + 1), so the blocked
     dispatch runs slabs of every size, and several of the largest, forward and backward."""
     monkeypatch.setattr(moe, "BLOCK_ROWS", 2)
-    rng = np.random.default_rng(1)
-    m, d, f, e = 45, 16, 24, 5
-    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
-    w1, w3, w2 = _weights(rng, e, d, f)
-    logits = rng.normal(size=(m, e))
-    if routing == "one expert":
-        logits[:, 3] += 100.0
-    idx, scores = moe.route(jnp.asarray(logits, jnp.float32), 2, "softmax")
-    blocks = -(-np.bincount(np.asarray(idx).ravel(), minlength=e) // 2)
+    x, (w1, w3, w2), idx, scores = _problem(1, routing, 2, "softmax")
+    blocks = -(-np.bincount(np.asarray(idx).ravel(), minlength=5) // 2)
     assert blocks.max() >= (23 if routing == "one expert" else 8), blocks
     args = (x, w1, w3, w2, scores)
     got, grads = jax.jit(jax.value_and_grad(_loss("blocked", idx, False), argnums=range(5)))(*args)
@@ -142,7 +141,7 @@ def test_model_loss_and_gradients_equal_across_dispatches():
 
 def test_auto_dispatch_compiles_to_megablox_kernels_for_tpu():
     """The tiny MoE config's train step compiled by libtpu for v5p-8 (on this CPU host): with attention in
-    plain XLA, every Mosaic kernel in the program is megablox's — 3 grouped matmuls forward, 3 + 3 (input
+    plain XLA, every Mosaic kernel in the program is megablox's (gmm, tgmm) — 3 grouped matmuls forward, 3 + 3 (input
     and weight gradients) backward in each of the 2 MoE layers, each device on its own tokens in shard_map."""
     from llama_jax_train import topology
     from llama_jax_train.config import load_config
@@ -151,3 +150,8 @@ def test_auto_dispatch_compiles_to_megablox_kernels_for_tpu():
                       ["model.attention=xla", "model.dtype=bfloat16"])
     c = topology.compile_for_slice(cfg, topology.parse_slice("v5p-8"))
     assert c.stats.custom_calls.get("tpu_custom_call", 0) >= 9 * 2
+    # The report tells them from attention kernels, and adds their FLOPs (invisible to the compiler) to its
+    # roofline estimate.
+    assert topology.grouped_matmul_kernels(c.stats) == c.stats.custom_calls["tpu_custom_call"]
+    assert topology.attention_kernels(c.stats) == 0 and "plain XLA" in c.attention
+    assert "the experts' grouped matmuls' FLOPs are not visible" in "\n".join(topology.report_lines(c))

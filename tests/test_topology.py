@@ -155,7 +155,7 @@ def test_tpu_config_fits_its_slice_with_spare(name):
     slice_name, slices = TPU_CONFIGS[name]
     cfg = load_config(CONFIGS / name)
     c = topology.compile_for_slice(cfg, topology.parse_slice(slice_name, slices))
-    assert c.stats.custom_calls.get("tpu_custom_call"), "the TPU configs use splash attention"
+    assert topology.attention_kernels(c.stats), "the TPU configs use splash attention"
     assert c.fits(headroom=HEADROOM.get(name, 0.10)), (c.need_bytes / topology.GIB, c.slice.chip.hbm_gib)
     assert math.isclose(c.need_bytes, sum(c.memory[k] for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                                                  "temp_size_in_bytes")) - c.memory["alias_size_in_bytes"])

@@ -41,6 +41,9 @@ class HloStats:
     hbm_bytes: float = 0.0  # bytes read + written by unfused instructions per step per chip (estimate)
     collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # op kind -> bytes per chip
     custom_calls: dict[str, int] = dataclasses.field(default_factory=dict)  # target -> count in the program
+    # Mosaic (Pallas TPU) kernel calls by kernel name (the instruction's name without its .N suffix: "gmm",
+    # "tgmm" for megablox's grouped matmuls, "splash_mha_..." for splash attention) -> count in the program
+    kernels: dict[str, int] = dataclasses.field(default_factory=dict)
     loops: list[int] = dataclasses.field(default_factory=list)  # trip counts of the while loops found
 
     @property
@@ -92,6 +95,9 @@ def parse(text: str) -> HloStats:
                 t = re.search(r'custom_call_target="([^"]+)"', args)
                 if t:
                     stats.custom_calls[t.group(1)] = stats.custom_calls.get(t.group(1), 0) + 1
+                    if t.group(1) == "tpu_custom_call":
+                        kernel = re.sub(r"\.\d+$", "", name)
+                        stats.kernels[kernel] = stats.kernels.get(kernel, 0) + 1
             for kind, targets in _CALLED.findall(args):
                 for callee in re.findall(r"%?([\w.\-]+)", targets):
                     if callee not in comps:

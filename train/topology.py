@@ -215,13 +215,25 @@ def compile_for_slice(cfg: Any, sl: Slice) -> SliceCompile:
     mem = step_memory(compiled)
     text = compiled.as_text()
     stats = hlo_stats.parse(text)
-    kernels = stats.custom_calls.get("tpu_custom_call", 0)
+    kernels = attention_kernels(stats)
     if kernels:
         attention = f"{cfg.model.attention} ({kernels} Mosaic kernel call(s) in the program: no T x T scores in HBM)"
     else:
         attention = f"{cfg.model.attention} (plain XLA ops: the T x T scores are materialised)"
     return SliceCompile(cfg, sl, s, compiled, seconds, None if mem is None else mem[0],
                         None if mem is None else mem[1], stats, attention)
+
+
+GROUPED_MATMUL_KERNELS = ("gmm", "tgmm")  # megablox (MoE experts): forward, and the weight gradient's
+
+
+def attention_kernels(stats: Any) -> int:
+    """Mosaic kernel calls in the program other than the MoE grouped matmuls (splash attention's)."""
+    return sum(n for k, n in stats.kernels.items() if k not in GROUPED_MATMUL_KERNELS)
+
+
+def grouped_matmul_kernels(stats: Any) -> int:
+    return sum(stats.kernels.get(k, 0) for k in GROUPED_MATMUL_KERNELS)
 
 
 def _dcn_bytes_estimate(c: SliceCompile) -> float:
@@ -256,13 +268,20 @@ def report_lines(c: SliceCompile) -> list[str]:
     analytic = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / sl.chips
     attention_flops = 12.0 * cfg.model.n_layers * cfg.model.n_heads * cfg.model.head_dim * cfg.data.seq_len * \
         tokens / sl.chips
-    kernel = bool(c.stats.custom_calls.get("tpu_custom_call"))
+    kernel = attention_kernels(c.stats) > 0
+    # The routed experts' matmuls, when megablox kernels run them: 6 x their active parameters per token.
+    m = cfg.model
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    expert_flops = (6.0 * moe_layers * m.experts_per_token * 3 * m.dim * m.expert_hidden * tokens / sl.chips
+                    if grouped_matmul_kernels(c.stats) else 0.0)
+    invisible = [name for name, there in (("the attention kernel's", kernel), ("the experts' grouped matmuls'",
+                                                                               bool(expert_flops))) if there]
     lines.append(f"FLOPs per chip per step: compiled program {c.stats.flops:.3e} (matmuls, loops x trip counts"
-                 + ("; the attention kernel's FLOPs are not visible to the compiler" if kernel else "")
+                 + (f"; {' and '.join(invisible)} FLOPs are not visible to the compiler" if invisible else "")
                  + f"); model 6N + 12LHQT {analytic:.3e}" + f" (ratio {c.stats.flops / analytic:.2f})")
     # Roofline ESTIMATE: each resource at its published peak, perfectly overlapped (the max) — a lower bound
-    # on the step time, so an upper bound on MFU.
-    compute_flops = c.stats.flops + (attention_flops if kernel else 0.0)
+    # on the step time, so an upper bound on MFU. Kernels' FLOPs are added from the model's count.
+    compute_flops = c.stats.flops + (attention_flops if kernel else 0.0) + expert_flops
     t_compute = compute_flops / chip.peak_flops
     t_hbm = c.stats.hbm_bytes / chip.hbm_bytes_per_s
     dcn = _dcn_bytes_estimate(c)
