@@ -19,6 +19,7 @@ BENCHMARKS = {
     "scaling-fit": ("llama_jax_bench.bench_scaling_fit", "argv"),
     "lora": ("llama_jax_bench.bench_lora", "args"),
     "gguf": ("llama_jax_bench.bench_gguf", "args"),
+    "window-cache": ("llama_jax_bench.window_cache", "args"),
 }
 
 

@@ -95,3 +95,14 @@ def test_bench_ops_times_each_part_and_agrees_with_transformers(capsys):
             assert p["max_abs_diff"] < 1e-4, p
     assert sum("max_abs_diff" in p for p in parts.values()) >= 6
     assert rec["processes"] == TWO_PROCESSES
+
+
+def test_bench_window_cache_times_both_cache_lengths(capsys):
+    """A window-sized cache and one `times` windows long, the same decode step: both timed, ratio reported."""
+    args = ["bench", "window-cache", "--window", "16", "--times", "4", "--dim", "64", "--layers", "1", "--batch", "2",
+            "--rounds", "2"]
+    assert main(args) == 0
+    rec = last_json_line(capsys)
+    assert rec["config"]["window"] == 16 and rec["long_slots"] == 64
+    assert rec["window_slots_step_s"] > 0 and rec["long_step_s"] > 0
+    assert abs(rec["speedup"] - rec["long_step_s"] / rec["window_slots_step_s"]) < 1e-2
