@@ -225,10 +225,10 @@ def _blocked_layout(sorted_experts: Array, group_sizes: Array, block: int) -> tu
 
 # The grouped matmul as loops: over the experts, then over each expert's blocks, taken as slabs of 8, 4, 2
 # and 1 blocks (the binary digits of the expert's block count: at most 4 loops, one trip for each 1 bit
-# and for each further 8 blocks). A matmul of 512 rows runs ~1.5× faster per row than one of 64 on CPU (the
-# weight is re-packed for every call), and the padding stays at most one block per expert. An expert's
-# weight is taken out of the (E, K, N) stack once per expert, and its weight gradient is summed in the
-# inner loops' carry and written once.
+# and for each further 8 blocks). Few large matmuls beat many small ones on CPU (2-core EPYC: 70 matmuls of
+# 64 rows by a 256 × 1024 weight took 11.1 ms, one of the same 4,480 rows 6.0 ms), and the padding stays
+# under one block per expert. An expert's weight is taken out of the (E, K, N) stack once per expert, and
+# its weight gradient is summed in the inner loops' carry and written once.
 
 SLABS = (8, 4, 2, 1)  # slab sizes in blocks, largest first; the last must be 1
 
