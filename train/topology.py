@@ -224,7 +224,7 @@ def compile_for_slice(cfg: Any, sl: Slice) -> SliceCompile:
                         None if mem is None else mem[1], stats, attention)
 
 
-GROUPED_MATMUL_KERNELS = ("gmm", "tgmm")  # megablox (MoE experts): forward, and the weight gradient's
+GROUPED_MATMUL_KERNELS = ("gmm", "tgmm")  # megablox (MoE experts): gmm forward and input gradient, tgmm weight gradient
 
 
 def attention_kernels(stats: Any) -> int:
@@ -269,7 +269,8 @@ def report_lines(c: SliceCompile) -> list[str]:
     attention_flops = 12.0 * cfg.model.n_layers * cfg.model.n_heads * cfg.model.head_dim * cfg.data.seq_len * \
         tokens / sl.chips
     kernel = attention_kernels(c.stats) > 0
-    # The routed experts' matmuls, when megablox kernels run them: 6 x their active parameters per token.
+    # The routed experts' matmuls, when megablox kernels run them: 6 x their active parameters per token (a lower
+    # bound: a rematerialised forward runs them again).
     m = cfg.model
     moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     expert_flops = (6.0 * moe_layers * m.experts_per_token * 3 * m.dim * m.expert_hidden * tokens / sl.chips
