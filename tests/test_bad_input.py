@@ -210,7 +210,8 @@ CASES: dict[str, tuple[Callable[[Env], list[str]], int, str, int]] = {
     "train-unknown-key": (lambda e: _train(e, "train.stpes=3"), 2, "did you mean 'steps'?", 0),
     "train-missing-config": (lambda e: ["train", "--config", str(e.case / "none.yaml")], 2, "does not exist", 0),
     "train-empty-dataset": (_train_empty_data, 2, "holds no documents", 0),
-    "train-resume-other-model": (_resume_other_model, 2, "cannot be restored", 0),
+    "train-resume-other-model": (_resume_other_model, 2, "was written for another model (dim 64 there, 128 in this "
+                                                        "config, ffn_hidden 192 there, 352 in this config)", 0),
     "train-resume-damaged-checkpoint": (_resume_damaged, 2, "cannot be restored", 3),
     # eval
     "eval-not-a-checkpoint": (lambda e: ["eval", str(e.case)], 2, "not a checkpoint directory", 0),

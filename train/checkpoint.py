@@ -32,7 +32,7 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 from llama_jax import storage
 from llama_jax.config import LlamaConfig
-from llama_jax.convert.orbax import failed_restores_are_quiet, short_error
+from llama_jax.convert.orbax import architecture_diff, failed_restores_are_quiet, short_error
 
 ITEMS = ("params", "opt_state", "llama_config", "data", "meta")
 
@@ -105,9 +105,13 @@ class Checkpointer:
         )
         self.manager.save(int(step), args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any, state_shardings: Any) -> tuple[Any, dict, dict]:
-        """(state placed on the shardings, data item, meta item) of checkpoint `step`."""
+    def restore(self, step: int, abstract_state: Any, state_shardings: Any,
+                model: LlamaConfig | None = None) -> tuple[Any, dict, dict]:
+        """(state placed on the shardings, data item, meta item) of checkpoint `step`. With `model`, a checkpoint
+        written for another architecture is refused first, the differing fields named."""
         step_dir = self.directory / str(step)
+        if model is not None:
+            self._check_model(step, model)
         try:
             with failed_restores_are_quiet():
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -127,6 +131,18 @@ class Checkpointer:
             step=jax.device_put(np.asarray(restored["meta"]["step"], np.int32), state_shardings.step),
             params=restored["params"], opt_state=restored["opt_state"])
         return state, dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def _check_model(self, step: int, model: LlamaConfig) -> None:
+        try:
+            stored = LlamaConfig.from_dict(self.manager.restore(step, args=ocp.args.Composite(
+                llama_config=ocp.args.JsonRestore()))["llama_config"])
+        except Exception:  # noqa: BLE001 - unreadable: the restore that follows names the damage
+            return
+        diff = architecture_diff(stored, model)
+        if diff:
+            fields = ", ".join(f"{f} {a!r} there, {b!r} in this config" for f, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} was written for another model ({fields}); "
+                                  f"resume with the run's model settings, or use a new run_dir.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -330,7 +330,7 @@ def train(cfg: RunConfig, *, log: Callable[[str], None] | None = None, prepared:
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, **ckpt_kw) if ckpt_dir.is_dir() else None
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None:
-        state, data_item, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings)
+        state, data_item, _ = ckpt.restore(latest, s.abstract_state, s.state_shardings, cfg.model)
         if cfg.lora is not None:  # checkpoints hold the adapters; the base comes from where it came from
             state = state.replace(frozen=lora_base_weights(s))
         try:

@@ -55,11 +55,20 @@ ITEMS = ("params", "llama_config")
 # Fields that change the function a checkpoint computes (the rest are runtime choices).
 ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "norm_eps", "rope_theta",
                "rope_scaling", "tie_embeddings",
-               # mixture of experts (Mixtral, Llama 4)
-               "n_experts", "experts_per_token", "moe_router", "moe_shared_expert", "moe_interleave", "expert_hidden",
                # attention variants (Mistral's window, Llama 4's chunks, NoPE layers, QK norm, temperature)
                "sliding_window", "attention_chunk_size", "nope_interval", "qk_norm", "attn_temperature_tuning",
-               "attn_floor_scale", "attn_scale")
+               "attn_floor_scale", "attn_scale",
+               # mixture of experts (Mixtral, Llama 4); n_experts last: the others only matter when it is not 0
+               "experts_per_token", "moe_router", "moe_shared_expert", "moe_interleave", "expert_hidden", "n_experts")
+MOE_FIELDS = ARCH_FIELDS[ARCH_FIELDS.index("experts_per_token"):-1]
+
+
+def architecture_diff(stored: LlamaConfig, wanted: LlamaConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (stored, wanted)} for the `ARCH_FIELDS` on which two configs differ (the MoE ones only where
+    either has experts)."""
+    dense = stored.n_experts == 0 and wanted.n_experts == 0
+    return {f: (getattr(stored, f), getattr(wanted, f)) for f in ARCH_FIELDS
+            if getattr(stored, f) != getattr(wanted, f) and not (dense and f in MOE_FIELDS)}
 
 
 def _is_abandoned_read(unraisable) -> bool:
@@ -366,7 +375,7 @@ def restore_params(path: str | os.PathLike, cfg: LlamaConfig, shardings: Any = N
     may differ (it is stacked or unstacked on the way)."""
     step_dir = find_step_dir(path)
     stored = read_config(step_dir)
-    diff = {f: (getattr(stored, f), getattr(cfg, f)) for f in ARCH_FIELDS if getattr(stored, f) != getattr(cfg, f)}
+    diff = architecture_diff(stored, cfg)
     if diff:
         raise ConvertError(f"{step_dir}: the checkpoint's model differs from the requested one "
                            f"(field: checkpoint vs requested) {diff}.")
