@@ -132,10 +132,14 @@ class Checkpointer:
             params=restored["params"], opt_state=restored["opt_state"])
         return state, dict(restored["data"] or {}), dict(restored["meta"] or {})
 
+    def stored_model(self, step: int) -> LlamaConfig:
+        """The LlamaConfig checkpoint `step` was written for (its `llama_config` item)."""
+        return LlamaConfig.from_dict(self.manager.restore(step, args=ocp.args.Composite(
+            llama_config=ocp.args.JsonRestore()))["llama_config"])
+
     def _check_model(self, step: int, model: LlamaConfig) -> None:
         try:
-            stored = LlamaConfig.from_dict(self.manager.restore(step, args=ocp.args.Composite(
-                llama_config=ocp.args.JsonRestore()))["llama_config"])
+            stored = self.stored_model(step)
         except Exception:  # noqa: BLE001 - unreadable: the restore that follows names the damage
             return
         diff = architecture_diff(stored, model)
@@ -191,8 +195,7 @@ def open_checkpoint(path: str | Path) -> tuple[Checkpointer, int, LlamaConfig]:
     if step is None:
         raise CheckpointError(f"{manager_dir} holds no finished checkpoint.")
     try:
-        cfg_dict = ck.manager.restore(step, args=ocp.args.Composite(llama_config=ocp.args.JsonRestore()))["llama_config"]
-        cfg = LlamaConfig.from_dict(cfg_dict)
+        cfg = ck.stored_model(step)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {manager_dir / str(step)} has no readable llama_config item "
                               f"({type(e).__name__}: {short_error(e)}); it is damaged or not written by llama-jax.") from e

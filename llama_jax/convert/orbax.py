@@ -57,10 +57,10 @@ ARCH_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hi
                "rope_scaling", "tie_embeddings",
                # attention variants (Mistral's window, Llama 4's chunks, NoPE layers, QK norm, temperature)
                "sliding_window", "attention_chunk_size", "nope_interval", "qk_norm", "attn_temperature_tuning",
-               "attn_floor_scale", "attn_scale",
-               # mixture of experts (Mixtral, Llama 4); n_experts last: the others only matter when it is not 0
-               "experts_per_token", "moe_router", "moe_shared_expert", "moe_interleave", "expert_hidden", "n_experts")
-MOE_FIELDS = ARCH_FIELDS[ARCH_FIELDS.index("experts_per_token"):-1]
+               "attn_floor_scale", "attn_scale")
+# mixture of experts (Mixtral, Llama 4): compared only where a model has experts (n_experts, always compared)
+MOE_FIELDS = ("experts_per_token", "moe_router", "moe_shared_expert", "moe_interleave", "expert_hidden")
+ARCH_FIELDS += ("n_experts",) + MOE_FIELDS
 
 
 def architecture_diff(stored: LlamaConfig, wanted: LlamaConfig) -> dict[str, tuple[Any, Any]]:
