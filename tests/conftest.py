@@ -4,7 +4,9 @@ Eight host CPU devices are forced before JAX is imported, so multi-device tests 
 steps) run real code paths on a laptop or CI; single-device tests simply use the first device.
 """
 
+import gc
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,6 +17,34 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _mapping_limit() -> int | None:
+    """Linux's limit on memory mappings per process (`vm.max_map_count`); None where there is no such file."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+_MAPPING_LIMIT = _mapping_limit()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Each program XLA:CPU compiles keeps its code in memory mappings of its own (~17 for a small jit), and JAX
+    keeps every program for the life of the process. The whole suite in one process passed Linux's default
+    limit of 65,530 mappings (test_moe.py alone reaches ~38,000), and the next mmap inside XLA failed as a
+    segfault wherever it happened to be (a compile, a cache write). Dropping the compiled programs once the
+    count passes a third of the limit keeps the suite far below it; later tests only compile again."""
+    yield
+    if _MAPPING_LIMIT is None or "jax" not in sys.modules:
+        return
+    with open("/proc/self/maps", "rb") as maps:
+        count = sum(1 for _ in maps)
+    if count > _MAPPING_LIMIT // 3:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
