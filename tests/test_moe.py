@@ -241,7 +241,10 @@ def test_logits_match_transformers(case):
         assert np.abs(np.asarray(Llama(plain).apply({"params": params}, jnp.asarray(tokens))) - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["llama4-scout-like", "llama4-maverick-like", "mixtral-top2"])
+# Maverick-like runs by default (one scan step holds dense and MoE, RoPE and NoPE layers); the other two
+# (~2 min each on 2 cores) run with the slow tests.
+@pytest.mark.parametrize("case", [pytest.param("llama4-scout-like", marks=pytest.mark.slow), "llama4-maverick-like",
+                                  pytest.param("mixtral-top2", marks=pytest.mark.slow)])
 def test_scanned_stack_equals_unrolled(case):
     """The scanned stack (one period of layer kinds per scan step: Scout's RoPE/NoPE, Maverick's dense/MoE
     too) computes the unrolled model's logits, gradients (with remat) and cached decode."""
@@ -284,7 +287,10 @@ def random_params(cfg, seed=0):
         lambda path, x: x * 100 if any(getattr(k, "key", None) == "router" for k in path) else x, p)
 
 
-@pytest.mark.parametrize("case", ["llama4-scout-like", "llama4-maverick-like", "mixtral-top1-window", "mistral-window"])
+# Scout-like (QK norm and scaled RoPE in decode, ~45 s) runs with the slow tests; Maverick-like keeps chunked
+# decode in the default run.
+@pytest.mark.parametrize("case", [pytest.param("llama4-scout-like", marks=pytest.mark.slow), "llama4-maverick-like",
+                                  "mixtral-top1-window", "mistral-window"])
 def test_cached_decode_equals_full_forward_past_chunks_and_windows(case):
     """Left-padded prompts, then teacher-forced single-token steps, past several chunk/window boundaries
     (chunk 8 / window 6, up to 25 positions): every step's logits equal the uncached forward of the row alone.
