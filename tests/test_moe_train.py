@@ -24,7 +24,7 @@ LLAMA4_8 = {**MOE8, "moe_router": "sigmoid", "experts_per_token": 1, "moe_shared
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():
-    with fast_compile(None):  # no persistent cache: see train_helpers.fast_compile
+    with fast_compile(None):  # no persistent cache: no subprocess here would read it
         yield
 
 

@@ -30,9 +30,7 @@ def _read(name: str):
 def fast_compile(cache_dir: Path | None):
     """XLA's optimisation passes off and, with `cache_dir`, executables written to that persistent cache.
     Without one, nothing is serialised (for tests that start no subprocess, which gain little from the
-    cache). The MoE training tests run so because the whole suite crashed (SIGSEGV) in jaxlib 0.10.2's
-    `executable.serialize()` on their expert-parallel steps; that did not cure the crash, which then came
-    in a later XLA compile of the same long run (cause not found yet)."""
+    cache, as the MoE training tests)."""
     from jax.experimental.compilation_cache import compilation_cache
 
     if cache_dir is None:
