@@ -23,8 +23,8 @@ LLAMA4_8 = {**MOE8, "moe_router": "sigmoid", "experts_per_token": 1, "moe_shared
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    with fast_compile(None):  # no persistent cache: no subprocess here would read it
+def _fast_compile(tmp_path_factory):
+    with fast_compile(tmp_path_factory.getbasetemp() / "train-jax-cache"):
         yield
 
 

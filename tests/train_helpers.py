@@ -27,16 +27,10 @@ def _read(name: str):
 
 
 @contextlib.contextmanager
-def fast_compile(cache_dir: Path | None):
-    """XLA's optimisation passes off and, with `cache_dir`, executables written to that persistent cache.
-    Without one, nothing is serialised (for tests that start no subprocess, which gain little from the
-    cache, as the MoE training tests)."""
+def fast_compile(cache_dir: Path):
     from jax.experimental.compilation_cache import compilation_cache
 
-    if cache_dir is None:
-        settings = {"jax_disable_most_optimizations": True, "jax_enable_compilation_cache": False}
-    else:
-        settings = {**FAST_COMPILE, "jax_compilation_cache_dir": str(cache_dir)}
+    settings = {**FAST_COMPILE, "jax_compilation_cache_dir": str(cache_dir)}
     old = {k: _read(k) for k in settings}
     for k, v in settings.items():
         jax.config.update(k, v)
